@@ -1,0 +1,40 @@
+"""graphmerge: merge separately trained neural networks into one, without retraining.
+
+Models become networkx computation graphs whose *spaces* (sets of channel axes
+that must move together) are matched across models by pluggable matching
+functions and folded into one model; a normalization package repairs the
+statistics afterwards.
+
+Example:
+    >>> import graphmerge as gm
+    >>> model = gm.models.build("resnet20", width_multiplier=1, num_classes=10, seed=0)
+    >>> data = gm.data.digits(layout="image")
+    >>> result = gm.training.train(model, data.train, data.test, epochs=1, progress=False)
+"""
+
+from graphmerge import (
+    data,
+    evaluation,
+    graphs,
+    matching_functions,
+    models,
+    normalization,
+    training,
+)
+from graphmerge.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "__version__",
+    "data",
+    "evaluation",
+    "graphs",
+    "load_checkpoint",
+    "matching_functions",
+    "models",
+    "normalization",
+    "save_checkpoint",
+    "training",
+]

@@ -1,0 +1,121 @@
+"""Checkpoints that rebuild their model from the file alone, written atomically.
+
+A checkpoint holds the architecture name and its arguments (``ModelSpec``), the
+state_dict (on CPU) and free-form metadata (test metrics, data spec, seed).
+
+Example:
+    >>> import graphmerge as gm
+    >>> model = gm.models.build("mlp", hidden=(32,), seed=0)
+    >>> path = gm.save_checkpoint(model, "/tmp/mlp.pt", metadata={"seed": 0})
+    >>> gm.load_checkpoint(path).metadata["seed"]
+    0
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphmerge import models
+from graphmerge._atomic import atomic_write
+
+CHECKPOINT_FORMAT = "graphmerge.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model, how it was built, and its metadata."""
+
+    model: nn.Module
+    architecture: str
+    kwargs: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    spec: models.ModelSpec | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` atomically to ``path`` with what it takes to rebuild it.
+
+    ``spec`` defaults to the one ``graphmerge.models.build`` recorded on the model.
+    """
+    spec = spec if spec is not None else models.spec_of(model)
+    if spec is None:
+        raise ValueError(
+            "cannot tell how to rebuild this model: build it with graphmerge.models.build(...) "
+            "or pass spec=graphmerge.models.ModelSpec(architecture, kwargs)"
+        )
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        **spec.to_dict(),
+        "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
+    return Path(path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Rebuild the model stored at ``path`` and load its weights (strictly)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch file ({error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a graphmerge checkpoint (a plain state_dict?): rebuild the model with "
+            "graphmerge.models.build(name, ...) and load_state_dict it, or on the command line "
+            "name the architecture with --model NAME"
+        )
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint version {payload.get('version')!r}; this graphmerge reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    model = models.build(payload["architecture"], **payload["kwargs"])
+    load_state_dict_strictly(model, payload["state_dict"], source=str(path))
+    return Checkpoint(model, payload["architecture"], payload["kwargs"], payload["metadata"])
+
+
+def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Any], source: str) -> None:
+    """Load ``state_dict`` into ``model``; name missing, extra and mis-shaped keys if any."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    shapes = sorted(
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
+    )
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", extra),
+            ("shape mismatches, file vs model", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise ValueError(
+            f"the weights in {source} do not fit the architecture: " + "; ".join(problems)
+        )
+    model.load_state_dict(state_dict)

@@ -1,0 +1,105 @@
+"""Evaluation of models on data: accuracy and cross-entropy loss.
+
+Example:
+    >>> import graphmerge as gm
+    >>> data = gm.data.digits()
+    >>> model = gm.models.build("mlp", hidden=(32,), seed=0)
+    >>> sorted(gm.evaluation.evaluate(model, data.test))
+    ['accuracy', 'loss', 'num_samples']
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block, then restore each submodule's own mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without any)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def labelled_batches(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (inputs, targets) from a loader of (inputs, targets, ...) tuples; explain others."""
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                "evaluation needs a loader of (inputs, targets) pairs; got a batch of type "
+                f"{type(batch).__name__}"
+            )
+        yield batch[0], batch[1]
+
+
+def run_model(model: nn.Module, inputs: Tensor) -> Tensor:
+    """``model(inputs)``, with an error that names the input shape when the model rejects it."""
+    try:
+        return model(inputs)
+    except RuntimeError as error:
+        raise ValueError(
+            f"the model cannot run on inputs of shape {tuple(inputs.shape)} "
+            f"(does the data layout fit the model?): {error}"
+        ) from error
+
+
+def check_logits(outputs: Tensor, targets: Tensor) -> None:
+    """Raise a clear error when outputs are not finite or labels exceed the number of outputs."""
+    if not torch.isfinite(outputs).all():
+        raise FloatingPointError(
+            "the model produced NaN or Inf outputs; check its weights "
+            "(e.g. from a diverged training run)"
+        )
+    check_labels(outputs, targets)
+
+
+def check_labels(outputs: Tensor, targets: Tensor) -> None:
+    """Raise a clear error when outputs are not (batch, classes) logits covering the labels."""
+    if outputs.ndim != 2:
+        raise ValueError(f"expected logits of shape (batch, classes), got {tuple(outputs.shape)}")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= outputs.shape[1]):
+        raise ValueError(
+            f"labels range over {int(targets.min())}..{int(targets.max())} but the model has "
+            f"{outputs.shape[1]} outputs: build it with num_classes covering the labels, or "
+            "remap the labels (graphmerge.data remap_labels=True)"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
+) -> dict[str, Any]:
+    """Accuracy (fraction correct) and mean cross-entropy loss of ``model`` on ``loader``.
+
+    The model runs in eval mode; its modes are restored afterwards.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    correct, loss_sum, count = 0, 0.0, 0
+    with evaluating(model):
+        for inputs, targets in labelled_batches(loader):
+            inputs, targets = inputs.to(device), targets.to(device)
+            outputs = run_model(model, inputs)
+            check_logits(outputs, targets)
+            loss_sum += F.cross_entropy(outputs, targets, reduction="sum").item()
+            correct += (outputs.argmax(dim=1) == targets).sum().item()
+            count += targets.numel()
+    if count == 0:
+        raise ValueError("the loader yielded no samples: nothing to evaluate")
+    return {"accuracy": correct / count, "loss": loss_sum / count, "num_samples": count}

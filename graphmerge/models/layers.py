@@ -1,0 +1,71 @@
+"""Building blocks shared by the reference architectures."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+NORMS = ("none", "bn", "ln")
+
+
+class LayerNorm2d(nn.Module):
+    """Channel-last LayerNorm for (N, C, H, W) tensors: normalizes over C at every position.
+
+    The ConvNeXt / Git Re-Basin convention; it keeps a per-channel affine, so the
+    layer is equivariant to channel permutations.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def check_norm(norm: str) -> str:
+    """Return ``norm`` if it names a supported normalization, else raise a clear error."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
+    return norm
+
+
+def norm2d(norm: str, channels: int) -> nn.Module:
+    """Normalization layer for conv features: BatchNorm2d, channel-last LayerNorm or Identity."""
+    layers = {"bn": nn.BatchNorm2d, "ln": LayerNorm2d}
+    return layers[norm](channels) if norm in layers else nn.Identity()
+
+
+def norm1d(norm: str, features: int) -> nn.Module:
+    """Normalization layer for flat features: BatchNorm1d, LayerNorm or Identity."""
+    layers = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}
+    return layers[norm](features) if norm in layers else nn.Identity()
+
+
+def scaled(width: int, width_multiplier: float) -> int:
+    """Round ``width * width_multiplier`` to a whole number of units (at least 1)."""
+    check_width_multiplier(width_multiplier)
+    return max(1, round(width * width_multiplier))
+
+
+def check_width_multiplier(width_multiplier: float) -> float:
+    """Return ``width_multiplier`` if it is a finite positive number, else raise a clear error."""
+    if (
+        isinstance(width_multiplier, bool)
+        or not isinstance(width_multiplier, (int, float))
+        or not math.isfinite(width_multiplier)
+        or width_multiplier <= 0
+    ):
+        raise ValueError(
+            "width_multiplier must be a finite number > 0 (e.g. 0.5, 1, 4), "
+            f"got {width_multiplier!r}"
+        )
+    return width_multiplier
+
+
+def check_positive_int(name: str, value: int) -> int:
+    """Return ``value`` if it is an int >= 1, else raise a clear error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value

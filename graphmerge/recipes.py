@@ -1,0 +1,30 @@
+"""Default data layout and training hyper-parameters per architecture family on the digits.
+
+Measured on this project's 2-core machine (see README): each recipe reaches
+>= 95% test accuracy on the 10-class digits in seconds to a minute.
+VGG without normalization needs 32x32 inputs (at 8x8 its last convs see 1x1
+maps and the signal vanishes) and a smaller learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graphmerge.models import TORCHVISION_PREFIX
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "mlp": {"layout": "flat", "image_size": 8, "channels": 1, "epochs": 20, "lr": 0.1},
+    "resnet20": {"layout": "image", "image_size": 8, "channels": 1, "epochs": 10, "lr": 0.05},
+    "vgg": {"layout": "image", "image_size": 32, "channels": 1, "epochs": 10, "lr": 0.02},
+    "torchvision": {"layout": "image", "image_size": 32, "channels": 3, "epochs": 10, "lr": 0.05},
+}
+
+
+def recipe_for(architecture: str) -> dict[str, Any]:
+    """The digits recipe for ``architecture`` (``vgg11`` uses the ``vgg`` recipe, etc.)."""
+    if architecture.startswith(TORCHVISION_PREFIX):
+        return dict(RECIPES["torchvision"])
+    family = "vgg" if architecture.startswith("vgg") else architecture
+    if family not in RECIPES:
+        raise ValueError(f"no digits recipe for {architecture!r}; known: {', '.join(RECIPES)}")
+    return dict(RECIPES[family])

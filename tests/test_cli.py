@@ -1,0 +1,123 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import graphmerge as gm
+from graphmerge.cli import format_classes, main
+
+
+def test_train_writes_a_checkpoint_and_prints_test_accuracy(tmp_path, capsys):
+    out = tmp_path / "a.pt"
+    status = main(
+        [
+            "train",
+            "--model",
+            "resnet20",
+            "--width",
+            "2",
+            "--data",
+            "digits",
+            "--classes",
+            "0-4",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0 and out.is_file()
+    checkpoint = gm.load_checkpoint(out)
+    assert checkpoint.kwargs["width_multiplier"] == 2 and checkpoint.kwargs["num_classes"] == 5
+    assert checkpoint.metadata["classes"] == [0, 1, 2, 3, 4] and checkpoint.metadata["seed"] == 1
+    data = gm.data.load(**checkpoint.metadata["data"])
+    metrics = gm.evaluation.evaluate(checkpoint.model, data.test)
+    assert metrics["accuracy"] > 0.9
+    assert f"test accuracy {100 * metrics['accuracy']:.2f}%" in printed
+    assert "classes 0-4" in printed and f"wrote {out}" in printed
+
+
+def test_train_is_deterministic_and_honours_mlp_options(tmp_path, capsys):
+    paths = [tmp_path / "m1.pt", tmp_path / "m2.pt"]
+    for path in paths:
+        assert (
+            main(
+                [
+                    "train",
+                    "--model",
+                    "mlp",
+                    "--hidden",
+                    "32,32",
+                    "--width",
+                    "0.5",
+                    "--epochs",
+                    "2",
+                    "--seed",
+                    "4",
+                    "--out",
+                    str(path),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    first, second = (gm.load_checkpoint(p) for p in paths)
+    assert first.model.layers.fc1.out_features == 16
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "resnet18"], "Did you mean torchvision:resnet18"),
+        (["--model", "mlp", "--width", "0"], "--width must be a finite number > 0"),
+        (["--model", "mlp", "--classes", "5-3"], "end is below the start"),
+        (["--model", "mlp", "--classes", "0-10"], r"classes \[10\] are outside"),
+        (["--model", "resnet20", "--hidden", "8"], "--hidden applies to --model mlp only"),
+        (["--model", "mlp", "--image-size", "16"], "apply to image models"),
+        (["--model", "mlp", "--data", "cifar10"], "needs --data-root"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, message):
+    status = main(["train", *args, "--out", str(tmp_path / "x.pt"), "--quiet"])
+    assert status == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_missing_output_folder_is_reported(tmp_path, capsys):
+    status = main(["train", "--model", "mlp", "--out", str(tmp_path / "no" / "x.pt")])
+    assert status == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_help_reads_well_and_entry_point_runs():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "graphmerge", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--classes" in help_text and "example: graphmerge train" in help_text
+    version = subprocess.run(
+        [sys.executable, "-m", "graphmerge", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert version.strip() == f"graphmerge {gm.__version__}"
+
+
+def test_models_command_lists_architectures(capsys):
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "resnet20" in names and "torchvision:resnet50" in names
+
+
+def test_format_classes():
+    assert format_classes((0, 1, 2, 3, 7, 9)) == "0-3,7,9"
+    assert format_classes((5,)) == "5"
