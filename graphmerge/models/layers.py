@@ -69,3 +69,19 @@ def check_positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     return value
+
+
+def check_network_args(norm: str, num_classes: int, in_channels: int) -> None:
+    """Validate the arguments every reference CNN takes."""
+    check_norm(norm)
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("in_channels", in_channels)
+
+
+def kaiming_init_convs(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU) weights and zero biases for every Conv2d in ``model``."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

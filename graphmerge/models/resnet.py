@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from graphmerge.models.layers import check_norm, check_positive_int, norm2d, scaled
+from graphmerge.models.layers import check_network_args, kaiming_init_convs, norm2d, scaled
 
 STAGE_WIDTHS = (16, 32, 64)
 BLOCKS_PER_STAGE = 3
@@ -48,9 +48,7 @@ class ResNet20(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        check_norm(norm)
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
+        check_network_args(norm, num_classes, in_channels)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, padding=1, bias=norm == "none")
         self.norm1 = norm2d(norm, widths[0])
         self.relu1 = nn.ReLU()
@@ -70,11 +68,7 @@ class ResNet20(nn.Module):
         self._init_weights(norm)
 
     def _init_weights(self, norm: str) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        kaiming_init_convs(self)
         if norm == "none":
             # Without normalization every residual add would double the variance
             # (2^9 over nine blocks); shrink each block's last conv so the stream

@@ -7,7 +7,12 @@ from types import ModuleType
 
 from torch import nn
 
-from graphmerge.models.layers import check_positive_int, check_width_multiplier, scaled
+from graphmerge.models.layers import (
+    check_positive_int,
+    check_width_multiplier,
+    kaiming_init_convs,
+    scaled,
+)
 
 NATIVE_WIDTH_FAMILIES = ("mobilenet_v2", "mobilenet_v3")
 VGG_CONFIG_KEYS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
@@ -123,11 +128,8 @@ def _widen_vgg(
 
 def _torchvision_init(model: nn.Module) -> None:
     """torchvision's own initialisation of convs and norms (kaiming fan_out, unit scale)."""
+    kaiming_init_convs(model)
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

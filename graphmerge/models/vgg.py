@@ -6,55 +6,23 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from graphmerge.models.layers import check_norm, check_positive_int, norm2d, scaled
+from graphmerge.models.layers import check_network_args, kaiming_init_convs, norm2d, scaled
 
 POOL = "M"
+STAGE_WIDTHS = (64, 128, 256, 512, 512)
+CONVS_PER_STAGE = {
+    11: (1, 1, 2, 2, 2),
+    13: (2, 2, 2, 2, 2),
+    16: (2, 2, 3, 3, 3),
+    19: (2, 2, 4, 4, 4),
+}
 VGG_CONFIGS: dict[int, list[int | str]] = {
-    11: [64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
-    13: [64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
-    16: [
-        64,
-        64,
-        POOL,
-        128,
-        128,
-        POOL,
-        256,
-        256,
-        256,
-        POOL,
-        512,
-        512,
-        512,
-        POOL,
-        512,
-        512,
-        512,
-        POOL,
-    ],
-    19: [
-        64,
-        64,
-        POOL,
-        128,
-        128,
-        POOL,
-        256,
-        256,
-        256,
-        256,
-        POOL,
-        512,
-        512,
-        512,
-        512,
-        POOL,
-        512,
-        512,
-        512,
-        512,
-        POOL,
-    ],
+    depth: [
+        item
+        for width, convs in zip(STAGE_WIDTHS, counts, strict=True)
+        for item in [width] * convs + [POOL]
+    ]
+    for depth, counts in CONVS_PER_STAGE.items()
 }
 
 
@@ -73,9 +41,7 @@ class VGG(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        check_norm(norm)
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
+        check_network_args(norm, num_classes, in_channels)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         previous, conv_index, pool_index = in_channels, 0, 0
         for item in config:
@@ -93,12 +59,9 @@ class VGG(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(previous, num_classes)
-        for module in self.features.modules():
-            if isinstance(module, nn.Conv2d):
-                # Kaiming (fan_out) keeps the signal alive through 8-16 convs without
-                # normalization; PyTorch's default init lets it vanish and VGG-11 stalls.
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+        # Kaiming (fan_out) keeps the signal alive through 8-16 convs without
+        # normalization; PyTorch's default init lets it vanish and VGG-11 stalls.
+        kaiming_init_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
