@@ -13,10 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import graphmerge
 from graphmerge import data as gm_data
 from graphmerge import models, training
-from graphmerge.checkpoints import save_checkpoint
+from graphmerge._atomic import atomic_write
+from graphmerge.checkpoints import load_checkpoint, save_checkpoint
 from graphmerge.recipes import recipe_for
 
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(commands)
+    _add_graph(commands)
     _add_models(commands)
     return parser
 
@@ -77,14 +81,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="architecture: mlp, vgg11/13/16/19, resnet20 or torchvision:<name> "
         "(see `graphmerge models`)",
     )
-    model.add_argument("--width", type=float, default=1.0, help="width multiplier")
-    model.add_argument(
-        "--norm",
-        choices=("none", "bn", "ln"),
-        help="normalization layers (mlp, vgg, resnet20); default: the "
-        "architecture's own (none for mlp/vgg, bn for resnet20)",
-    )
-    model.add_argument("--hidden", help="mlp hidden widths before --width, e.g. 512,512,512")
+    _add_architecture_options(model)
     dataset = parser.add_argument_group("data")
     dataset.add_argument(
         "--data",
@@ -124,6 +121,118 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     optimisation.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     parser.set_defaults(handler=run_train)
+
+
+def _add_architecture_options(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    group.add_argument(
+        "--norm",
+        choices=("none", "bn", "ln"),
+        help="normalization layers (mlp, vgg, resnet20); default: the "
+        "architecture's own (none for mlp/vgg, bn for resnet20)",
+    )
+    group.add_argument("--hidden", help="mlp hidden widths before --width, e.g. 512,512,512")
+
+
+def _add_graph(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "graph",
+        help="trace a model's graph, print its spaces, prove it, draw it",
+        description=(
+            "Trace a model (or the model in a checkpoint) with torch.fx, print its spaces and "
+            "coverage, prove the graph with random permutations of every space "
+            "(check_symmetries), and optionally draw it (PNG) or write Graphviz DOT."
+        ),
+        epilog="example: graphmerge graph --model resnet20 --out resnet20.png",
+        formatter_class=_HelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="architecture (see `graphmerge models`)")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint from `graphmerge train`")
+    _add_architecture_options(parser)
+    parser.add_argument("--num-classes", type=int, default=10, help="outputs (--model)")
+    parser.add_argument("--image-size", type=int, help="input image side (default: recipe)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="input channels")
+    parser.add_argument(
+        "--hand-written",
+        action="store_true",
+        help="use graphmerge's hand-written graph (mlp, vgg, resnet20) instead of tracing",
+    )
+    parser.add_argument("--trials", type=int, default=3, help="random permutations to check")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model and the check")
+    parser.add_argument("--out", type=Path, help="PNG picture of the graph")
+    parser.add_argument("--dot", type=Path, help="Graphviz DOT file of the graph")
+    parser.set_defaults(handler=run_graph)
+
+
+def run_graph(args: argparse.Namespace) -> int:
+    from graphmerge import graphs
+
+    for path in (args.out, args.dot):
+        if path is not None and not path.parent.is_dir():
+            raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+    model, shape = _graph_model(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    example = torch.randn((4, *shape), generator=generator)
+    graph = graphs.reference_graph(model) if args.hand_written else graphs.trace(model, example)
+    print(graph.summary())
+    change = graph.check_symmetries(example, trials=args.trials, seed=args.seed)
+    with torch.no_grad():
+        scale = model.eval()(example).abs().max().item()
+    relative = change / max(scale, 1e-12)
+    verdict = "exact" if relative < 1e-4 else "NOT EXACT: the graph is wrong"
+    print(
+        f"symmetry check: max output change {change:.2e} (relative {relative:.2e}) under "
+        f"{args.trials} random permutations of every mergeable space: {verdict}"
+    )
+    if args.out is not None:
+        graph.draw(args.out)
+        print(f"wrote {args.out}")
+    if args.dot is not None:
+        with atomic_write(args.dot, "w") as handle:
+            handle.write(graph.to_dot())
+        print(f"wrote {args.dot}")
+    return 0 if relative < 1e-4 else 1
+
+
+def _graph_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The model to draw and the shape of one input sample."""
+    from graphmerge.graphs import randomize_statistics
+
+    if args.checkpoint is not None:
+        checkpoint = load_checkpoint(args.checkpoint)
+        spec = checkpoint.metadata.get("data")
+        if isinstance(spec, dict):
+            return checkpoint.model, gm_data.input_shape(spec)
+        return checkpoint.model, _recipe_shape(args, checkpoint.architecture, checkpoint.kwargs)
+    architecture = models.architecture_of(args.model)
+    kwargs: dict[str, Any] = {"num_classes": args.num_classes, "width_multiplier": args.width}
+    if args.norm is not None:
+        kwargs["norm"] = args.norm
+    if args.hidden:
+        if architecture != "mlp":
+            raise ValueError("--hidden applies to --model mlp only")
+        kwargs["hidden"] = _parse_widths(args.hidden)
+    shape = _recipe_shape(args, architecture, kwargs)
+    if architecture == "mlp":
+        kwargs["input_dim"] = math.prod(shape)
+    elif architecture in ("vgg", "resnet20"):
+        kwargs["in_channels"] = shape[0]
+    model = models.build(args.model, seed=args.seed, **kwargs)
+    # Fresh norm layers hold permutation-invariant values; random ones make the check strict.
+    return randomize_statistics(model, seed=args.seed), shape
+
+
+def _recipe_shape(
+    args: argparse.Namespace, architecture: str, kwargs: dict[str, Any]
+) -> tuple[int, ...]:
+    recipe = recipe_for(architecture)
+    if recipe["layout"] == "flat":
+        return (kwargs.get("input_dim", 64),)
+    size = recipe["image_size"] if args.image_size is None else args.image_size
+    channels = kwargs.get("in_channels", recipe["channels"])
+    channels = channels if args.channels is None else args.channels
+    return (channels, size, size)
 
 
 def _add_models(commands: argparse._SubParsersAction) -> None:

@@ -287,3 +287,15 @@ def load(name: str, **kwargs: Any) -> DataSplits:
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+
+
+def input_shape(spec: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one sample of the data described by ``spec`` (a ``DataSplits.spec``)."""
+    if spec.get("name") == "digits":
+        if spec.get("layout", "flat") == "flat":
+            return (64,)
+        size = spec.get("image_size", 8)
+        return (spec.get("channels", 1), size, size)
+    if spec.get("name") in ("cifar10", "cifar100"):
+        return (3, 32, 32)
+    raise ValueError(f"unknown data spec {spec!r}: expected name digits, cifar10 or cifar100")

@@ -121,3 +121,42 @@ def test_models_command_lists_architectures(capsys):
 def test_format_classes():
     assert format_classes((0, 1, 2, 3, 7, 9)) == "0-3,7,9"
     assert format_classes((5,)) == "5"
+
+
+def test_graph_command_prints_spaces_proves_and_draws(tmp_path, capsys):
+    png, dot = tmp_path / "g.png", tmp_path / "g.dot"
+    status = main(["graph", "--model", "resnet20", "--out", str(png), "--dot", str(dot)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "coverage 100.0% (448 of 448 hidden channels)" in printed
+    assert re.search(r"symmetry check: max output change \S+ \(relative \S+\) .*: exact", printed)
+    assert png.read_bytes()[:4] == b"\x89PNG" and dot.read_text().startswith("digraph")
+
+
+def test_graph_command_hand_written_and_from_checkpoint(tmp_path, capsys):
+    assert (
+        main(["graph", "--model", "vgg11", "--width", "0.25", "--norm", "bn", "--hand-written"])
+        == 0
+    )
+    assert "VGG (built)" in capsys.readouterr().out
+    model = gm.models.build("mlp", hidden=(16, 8), input_dim=64, num_classes=4, seed=0)
+    gm.save_checkpoint(
+        model, tmp_path / "m.pt", metadata={"data": {"name": "digits", "layout": "flat"}}
+    )
+    assert main(["graph", "--checkpoint", str(tmp_path / "m.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "MLP (traced)" in printed and "24 of 24 hidden channels" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["graph", "--model", "resnet21"], "unknown"),
+        (["graph", "--model", "resnet20", "--hand-written", "--hidden", "4"], "--hidden applies"),
+        (["graph", "--checkpoint", "missing.pt"], "checkpoint not found"),
+        (["graph", "--model", "torchvision:resnet18", "--hand-written"], "no hand-written graph"),
+    ],
+)
+def test_graph_command_errors(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

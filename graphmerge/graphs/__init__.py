@@ -2,6 +2,38 @@
 
 A *space* is a set of channel axes that must always be transformed together
 (a conv's output channels, everything elementwise after it, everything joined
-to it by a residual add). The tracer, the hand-written GraphBuilder and the
-symmetry self-check live here (see the "Model graphs" issue).
+to it by a residual add). ``trace`` finds them automatically with torch.fx;
+``GraphBuilder`` builds a graph by hand; ``ModelGraph.check_symmetries`` proves
+either kind exact by permuting every space at random.
+
+Example:
+    >>> import torch, graphmerge as gm
+    >>> model = gm.models.build("mlp", hidden=(64, 64), seed=0)
+    >>> graph = gm.graphs.trace(model, torch.randn(4, 64))
+    >>> [(s.name, s.width) for s in graph.spaces]
+    [('input', 64), ('layers.fc1', 64), ('layers.fc2', 64), ('output', 10)]
 """
+
+from graphmerge.graphs.builder import GraphBuilder
+from graphmerge.graphs.model_graph import ModelGraph, NodeKind
+from graphmerge.graphs.randomize import randomize_statistics
+from graphmerge.graphs.reference import mlp_graph, reference_graph, resnet20_graph, vgg_graph
+from graphmerge.graphs.spaces import Block, Concatenation, ParamAxis, Space
+from graphmerge.graphs.trace import GraphTraceError, trace
+
+__all__ = [
+    "Block",
+    "Concatenation",
+    "GraphBuilder",
+    "GraphTraceError",
+    "ModelGraph",
+    "NodeKind",
+    "ParamAxis",
+    "Space",
+    "mlp_graph",
+    "randomize_statistics",
+    "reference_graph",
+    "resnet20_graph",
+    "trace",
+    "vgg_graph",
+]

@@ -70,7 +70,8 @@ def torchvision_model(
         return torchvision.models.get_model(
             name, weights=None, num_classes=num_classes, width_mult=float(width_multiplier)
         )
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    extra = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     if width_multiplier == 1:
         return model
     if isinstance(model, torchvision.models.ResNet):

@@ -1,0 +1,130 @@
+"""The fold: W_merged = sum_i M_out,i . W_i . U_in,i for every parameter and buffer.
+
+Each space carries, per model i, a map for the axes that write it (the merge
+matrix block M_i, shape (d', d)) and one for the axes that read it (U_i^T, the
+transposed unmerge block, also (d', d)). A parameter axis made of several blocks
+(a concatenation) or of repeated channels (a flattened C x H x W map) is folded
+block by block. Spaces without maps (input, frozen ones, averaged outputs) keep
+their axes as they are: the parameter is then averaged over the models.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from graphmerge.graphs.spaces import ParamAxis
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """A linear map from d channels to d' channels, applied along one tensor axis.
+
+    Either a dense ``matrix`` (d', d) or, for permutations and selections, an
+    ``index`` of length d' (output channel k is input channel index[k]), which is
+    exact and fast.
+    """
+
+    matrix: Tensor | None = None
+    index: Tensor | None = None
+
+    @classmethod
+    def permutation(cls, index: Tensor) -> AxisMap:
+        return cls(index=index.long())
+
+    @property
+    def in_width(self) -> int | None:
+        return None if self.matrix is None else self.matrix.shape[1]
+
+    def apply(self, tensor: Tensor, axis: int) -> Tensor:
+        """``tensor`` with ``axis`` (length d) mapped to d' channels."""
+        if self.index is not None:
+            return tensor.index_select(axis, self.index.to(tensor.device))
+        matrix = self.matrix.to(device=tensor.device, dtype=tensor.dtype)
+        moved = tensor.movedim(axis, -1) @ matrix.T
+        return moved.movedim(-1, axis)
+
+
+@dataclass(frozen=True)
+class SpaceMaps:
+    """Per model i: the map of axes writing the space (M_i) and reading it (U_i^T)."""
+
+    write: Sequence[AxisMap]
+    read: Sequence[AxisMap]
+
+
+def fold_tensors(
+    tensors: Sequence[Tensor],
+    param_axes: Sequence[tuple[str, ParamAxis]],
+    maps: Mapping[str, SpaceMaps],
+) -> Tensor:
+    """Fold one parameter of N models: sum_i (maps applied to tensor i), averaged if unmerged.
+
+    ``param_axes`` lists (space name, ParamAxis) blocks of this parameter. The
+    sum is divided by N unless an axis that writes a mapped space carries the
+    weighting itself (merge matrices already average).
+    """
+    if not tensors[0].is_floating_point():
+        return tensors[0].clone()  # counters such as num_batches_tracked
+    by_axis: dict[int, list[tuple[str, ParamAxis]]] = defaultdict(list)
+    for space, block in param_axes:
+        if space in maps:
+            by_axis[block.axis].append((space, block))
+    weighted = any(block.role == "out" for blocks in by_axis.values() for _, block in blocks)
+    total: Tensor | None = None
+    for model, tensor in enumerate(tensors):
+        folded = tensor.detach()
+        for axis, blocks in sorted(by_axis.items()):
+            folded = _fold_axis(folded, axis, blocks, maps, model)
+        total = folded if total is None else total + folded
+    return total if weighted else total / len(tensors)
+
+
+def _fold_axis(
+    tensor: Tensor,
+    axis: int,
+    blocks: list[tuple[str, ParamAxis]],
+    maps: Mapping[str, SpaceMaps],
+    model: int,
+) -> Tensor:
+    pieces: list[Tensor] = []
+    position = 0
+    for space, block in sorted(blocks, key=lambda item: item[1].offset):
+        if block.offset > position:  # channels of unmapped spaces stay as they are
+            pieces.append(tensor.narrow(axis, position, block.offset - position))
+        size = block.width * block.repeat
+        part = tensor.narrow(axis, block.offset, size)
+        shape = part.shape
+        part = part.reshape(*shape[:axis], block.width, block.repeat, *shape[axis + 1 :])
+        space_maps = maps[space]
+        axis_map = (space_maps.write if block.role == "out" else space_maps.read)[model]
+        part = axis_map.apply(part, axis)
+        pieces.append(part.reshape(*shape[:axis], -1, *shape[axis + 1 :]))
+        position = block.offset + size
+    if position < tensor.shape[axis]:
+        pieces.append(tensor.narrow(axis, position, tensor.shape[axis] - position))
+    return torch.cat(pieces, dim=axis)
+
+
+def fold_state_dicts(
+    state_dicts: Sequence[Mapping[str, Tensor]],
+    param_axes: Mapping[str, Sequence[tuple[str, ParamAxis]]],
+    maps: Mapping[str, SpaceMaps],
+    aliases: Mapping[str, str] | None = None,
+) -> dict[str, Tensor]:
+    """Fold every entry of N state dicts (same keys) into one merged state dict.
+
+    ``param_axes`` maps parameter names to their (space, ParamAxis) blocks;
+    ``aliases`` maps a state-dict key to the name its tensor is known by in the
+    graph (a module reached by two paths).
+    """
+    aliases = aliases or {}
+    merged: dict[str, Tensor] = {}
+    for key, first in state_dicts[0].items():
+        axes = param_axes.get(aliases.get(key, key), ())
+        merged[key] = fold_tensors([sd[key] for sd in state_dicts], axes, maps).to(first.dtype)
+    return merged

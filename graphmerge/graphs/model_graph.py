@@ -1,0 +1,365 @@
+"""ModelGraph: a model's computation graph (networkx) with its spaces, and its self-check."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor, fx, nn
+
+from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
+from graphmerge.graphs.spaces import (
+    Block,
+    Channels,
+    Concatenation,
+    ParamAxis,
+    Space,
+    SpaceFinder,
+    Value,
+)
+
+
+class NodeKind(str, enum.Enum):
+    """What a graph node is."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    MODULE = "module"
+    FUNCTION = "function"
+    MERGE = "merge"
+    UNMERGE = "unmerge"
+
+
+# Where a space's features are best read, from most to least preferred.
+_MERGE_POINT_RANK = {"activation": 3, "add": 2, "norm": 1, "producer": 0}
+
+
+@dataclass
+class _Candidate:
+    rank: int
+    numel: int
+    order: int
+    node: str
+
+
+class GraphRecorder:
+    """Collects nodes and channel structures while a model is walked, then builds the graph."""
+
+    def __init__(self, finder: SpaceFinder) -> None:
+        self.finder = finder
+        self.graph = nx.DiGraph()
+        self._values: dict[str, Value] = {}
+        self._candidates: dict[int, list[_Candidate]] = defaultdict(list)
+        self._concatenations: list[tuple[str, Channels]] = []
+        self._declared_merge_points: dict[int, str] = {}
+        self._names: dict[int, str] = {}
+
+    def add_node(
+        self,
+        key: str,
+        kind: NodeKind,
+        target: str,
+        inputs: list[str],
+        shape: tuple[int, ...] | None = None,
+        value: Value = None,
+        category: str = "",
+    ) -> None:
+        self.graph.add_node(
+            key, kind=kind, name=key, target=target, inputs=list(inputs), shape=shape
+        )
+        for source in inputs:
+            self.graph.add_edge(source, key)
+        self._values[key] = value
+        if (
+            category in _MERGE_POINT_RANK
+            and isinstance(value, Channels)
+            and len(value.segments) == 1
+            and value.segments[0].repeat == 1
+        ):
+            numel = math.prod(shape[1:]) if shape else 0
+            self._candidates[value.segments[0].element].append(
+                _Candidate(_MERGE_POINT_RANK[category], numel, len(self.graph), key)
+            )
+
+    def concatenation(self, key: str, value: Channels) -> None:
+        self._concatenations.append((key, value))
+
+    def declare(self, key: str, value: Channels, name: str | None) -> None:
+        """Mark ``key`` as the merge point of the space of ``value`` (and name it)."""
+        element = value.segments[0].element
+        self._declared_merge_points[element] = key
+        if name:
+            self._names[element] = name
+
+    def finish(
+        self, model: nn.Module, source: str, module: fx.GraphModule | None = None
+    ) -> ModelGraph:
+        finder = self.finder
+        best: dict[int, _Candidate] = {}
+        for element, candidates in self._candidates.items():
+            root = finder.root(element)
+            for candidate in candidates:
+                current = best.get(root)
+                key = (candidate.rank, candidate.numel, candidate.order)
+                if current is None or key > (current.rank, current.numel, current.order):
+                    best[root] = candidate
+        merge_points = {root: candidate.node for root, candidate in best.items()}
+        for element, key in self._declared_merge_points.items():
+            merge_points[finder.root(element)] = key
+        spaces, by_element = finder.spaces(merge_points, self._names)
+        for key, value in self._values.items():
+            if isinstance(value, Channels):
+                names = tuple(
+                    dict.fromkeys(
+                        by_element[s.element].name
+                        for s in value.segments
+                        if s.element in by_element
+                    )
+                )
+                self.graph.nodes[key]["spaces"] = names
+                self.graph.nodes[key]["channel_axis"] = value.axis
+        concatenations = [
+            Concatenation(
+                key,
+                tuple(_blocks(value, by_element)),
+            )
+            for key, value in self._concatenations
+        ]
+        _insert_merge_nodes(self.graph, spaces)
+        return ModelGraph(model, self.graph, spaces, concatenations, source=source, module=module)
+
+
+def _blocks(value: Channels, by_element: dict[int, Space]) -> Iterable[Block]:
+    offset = 0
+    for segment in value.segments:
+        yield Block(by_element[segment.element].name, offset, segment.width, segment.repeat)
+        offset += segment.size
+
+
+def _insert_merge_nodes(graph: nx.DiGraph, spaces: list[Space]) -> None:
+    """Put MERGE -> UNMERGE after each mergeable space's merge point (identity on values)."""
+    for space in spaces:
+        if not space.mergeable or space.merge_point is None:
+            continue
+        merge, unmerge = f"merge[{space.name}]", f"unmerge[{space.name}]"
+        successors = list(graph.successors(space.merge_point))
+        graph.add_node(
+            merge, kind=NodeKind.MERGE, name=merge, target=space.name, inputs=[space.merge_point]
+        )
+        graph.add_node(
+            unmerge, kind=NodeKind.UNMERGE, name=unmerge, target=space.name, inputs=[merge]
+        )
+        graph.add_edge(space.merge_point, merge)
+        graph.add_edge(merge, unmerge)
+        for successor in successors:
+            graph.remove_edge(space.merge_point, successor)
+            graph.add_edge(unmerge, successor)
+
+
+class ModelGraph:
+    """A model's computation graph and its spaces.
+
+    Attributes:
+        model: the model the graph describes (never modified by graphmerge).
+        graph: networkx.DiGraph; node attributes ``kind`` (NodeKind), ``name``,
+            ``target`` (module path or op), ``inputs`` (ordered), ``shape``, ``spaces``.
+        spaces: the model's spaces in topological order (see :class:`Space`).
+        concatenations: tensors made of several spaces side by side (``torch.cat``).
+        source: "traced" (torch.fx) or "built" (GraphBuilder).
+        module: the torch.fx GraphModule of a traced graph (None for built graphs).
+
+    Example:
+        >>> graph = gm.graphs.trace(model, example_input)
+        >>> print(graph.summary())
+        >>> graph.check_symmetries(example_input)   # ~1e-7: the graph is exact
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: nx.DiGraph,
+        spaces: list[Space],
+        concatenations: list[Concatenation],
+        source: str,
+        module: fx.GraphModule | None = None,
+    ) -> None:
+        self.model = model
+        self.graph = graph
+        self.spaces = spaces
+        self.concatenations = concatenations
+        self.source = source
+        self.module = module
+        self.aliases = _aliases(model)
+        self.param_axes: dict[str, list[tuple[str, ParamAxis]]] = defaultdict(list)
+        for space in spaces:
+            for block in space.param_axes:
+                self.param_axes[block.param].append((space.name, block))
+        self._check_params()
+
+    def _check_params(self) -> None:
+        known = set(self.model.state_dict())
+        missing = sorted(set(self.param_axes) - known - set(self.aliases.values()))
+        if missing:
+            raise ValueError(
+                f"the graph names parameters the model does not have: {', '.join(missing[:5])}. "
+                "Module paths in a hand-built graph must match model.named_modules()."
+            )
+
+    # -- access ------------------------------------------------------------------------------
+    def space(self, key: int | str) -> Space:
+        """A space by index (topological order) or by name."""
+        if isinstance(key, int):
+            if not -len(self.spaces) <= key < len(self.spaces):
+                raise IndexError(
+                    f"space index {key} out of range: the graph has {len(self.spaces)} spaces"
+                )
+            return self.spaces[key]
+        for space in self.spaces:
+            if space.name == key:
+                return space
+        names = ", ".join(space.name for space in self.spaces[:8])
+        raise KeyError(f"no space named {key!r}; spaces: {names}, ...")
+
+    @property
+    def mergeable_spaces(self) -> list[Space]:
+        return [space for space in self.spaces if space.mergeable]
+
+    @property
+    def frozen_spaces(self) -> list[Space]:
+        return [space for space in self.spaces if space.role == "hidden" and space.frozen]
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of hidden channels (summed widths of hidden spaces) that are mergeable."""
+        hidden = sum(space.width for space in self.spaces if space.role == "hidden")
+        mergeable = sum(space.width for space in self.mergeable_spaces)
+        return mergeable / hidden if hidden else 1.0
+
+    # -- symmetries --------------------------------------------------------------------------
+    def random_permutations(self, seed: int = 0) -> dict[str, Tensor]:
+        """A random permutation of every mergeable space (seeded)."""
+        generator = torch.Generator().manual_seed(seed)
+        return {s.name: torch.randperm(s.width, generator=generator) for s in self.mergeable_spaces}
+
+    def permute(self, permutations: dict[str, Tensor], model: nn.Module | None = None) -> nn.Module:
+        """A copy of ``model`` (default: the graph's model) with channels of each space permuted.
+
+        ``permutations[name][k]`` is the old channel that becomes channel k. The
+        function of the model is unchanged when the graph is correct.
+        """
+        model = self.model if model is None else model
+        maps = {}
+        for name, index in permutations.items():
+            space = self.space(name)
+            if not space.mergeable:
+                raise ValueError(f"space {name!r} is not mergeable ({space.role}, {space.reason})")
+            if sorted(index.tolist()) != list(range(space.width)):
+                raise ValueError(f"permutation of {name!r} must reorder 0..{space.width - 1}")
+            axis_map = AxisMap.permutation(index)
+            maps[name] = SpaceMaps(write=[axis_map], read=[axis_map])
+        folded = fold_state_dicts([model.state_dict()], self.param_axes, maps, self.aliases)
+        permuted = copy.deepcopy(model)
+        permuted.load_state_dict(folded)
+        return permuted
+
+    def check_symmetries(
+        self, example_input: Tensor | tuple[Tensor, ...], trials: int = 3, seed: int = 0
+    ) -> float:
+        """Max abs change of the model's outputs when every mergeable space is permuted at random.
+
+        Permutations go through the same fold the merge engine uses. Near 0
+        (float rounding) proves the graph: every space holds exactly the axes that
+        must move together. The model runs in eval mode; randomise BatchNorm
+        statistics first (``randomize_statistics``) so that a missed buffer shows.
+
+        Example:
+            >>> graph.check_symmetries(torch.randn(8, 3, 32, 32), trials=3, seed=0)
+            2.1e-07
+        """
+        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        reference = _outputs(self.model, inputs)
+        worst = 0.0
+        for trial in range(trials):
+            permuted = self.permute(self.random_permutations(seed + trial))
+            changed = _outputs(permuted, inputs)
+            for before, after in zip(reference, changed, strict=True):
+                worst = max(worst, (before - after).abs().max().item())
+        return worst
+
+    # -- reporting ---------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A table of the spaces (index, name, width, status) and the coverage."""
+        from graphmerge.graphs.drawing import summary
+
+        return summary(self)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelGraph({type(self.model).__name__}, {self.source}, "
+            f"{self.graph.number_of_nodes()} nodes, {len(self.spaces)} spaces, "
+            f"coverage {self.coverage:.0%})"
+        )
+
+    def to_dot(self) -> str:
+        """The graph in Graphviz DOT (``dot -Tsvg``), coloured by node kind."""
+        from graphmerge.graphs.drawing import to_dot
+
+        return to_dot(self)
+
+    def draw(self, path: str, title: str | None = None) -> str:
+        """Draw the graph to a PNG at ``path`` (written atomically); returns the path."""
+        from graphmerge.graphs.drawing import draw
+
+        return draw(self, path, title)
+
+    def same_spaces(self, other: ModelGraph) -> bool:
+        """Whether both graphs group the same parameter axes into the same spaces."""
+        return _partition(self) == _partition(other)
+
+
+def _partition(graph: ModelGraph) -> set[frozenset[tuple[str, int, str, int]]]:
+    return {
+        frozenset((a.param, a.axis, a.role, a.offset) for a in space.param_axes)
+        for space in graph.spaces
+        if space.param_axes
+    }
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys whose tensor is also reachable under an earlier key (shared modules)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        canonical = first.setdefault(id(tensor), key)
+        if canonical != key:
+            aliases[key] = canonical
+    return aliases
+
+
+def _outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:
+    from graphmerge.evaluation import evaluating
+
+    with evaluating(model), torch.no_grad():
+        result = model(*inputs)
+    return [t.detach().double() for t in _tensors(result)]
+
+
+def _tensors(value: Any) -> Iterable[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)

@@ -1,0 +1,386 @@
+"""Spaces: sets of channel axes that are always transformed together, found by union-find.
+
+The tracer and the GraphBuilder walk a model's operations and describe every
+tensor they see by its :class:`Channels` (which tensor axis carries channels, and
+which spaces those channels belong to, block by block). Layers then tell the
+:class:`SpaceFinder` which parameter axes read or write those channels; joins
+(residual adds, gating products) unite spaces. ``SpaceFinder.spaces`` turns the
+result into the immutable :class:`Space` list of a ModelGraph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from networkx.utils import UnionFind
+
+Role = Literal["out", "in"]
+SpaceRole = Literal["hidden", "input", "output"]
+
+INPUT_REASON = "model input: every model reads the same input, never permuted"
+OUTPUT_REASON = "model output: logits are averaged or concatenated, never permuted"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A block of channels along a tensor axis: ``width`` channels of one space element.
+
+    ``repeat`` > 1 means every channel occupies ``repeat`` consecutive positions
+    (a C x H x W map flattened channel-major into a vector: repeat = H * W).
+    """
+
+    element: int
+    width: int
+    repeat: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.width * self.repeat
+
+
+@dataclass(frozen=True)
+class Channels:
+    """The channel structure of a tensor: its channel axis and the blocks along it.
+
+    ``axis`` is None where the position is not tracked (hand-built graphs, the model input).
+    """
+
+    axis: int | None
+    segments: tuple[Segment, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(segment.size for segment in self.segments)
+
+    def moved(self, axis: int | None) -> Channels:
+        return replace(self, axis=axis)
+
+    def repeated(self, factor: int) -> Channels:
+        return Channels(
+            self.axis,
+            tuple(replace(s, repeat=s.repeat * factor) for s in self.segments),
+        )
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A tensor whose channel structure the tracer cannot follow (output of an unknown op)."""
+
+    reason: str
+
+
+Value = Channels | Unknown | None  # None: no channels at all (shapes, scalars, invariants)
+
+
+@dataclass(frozen=True)
+class ParamAxis:
+    """One block of a parameter axis that belongs to a space.
+
+    ``role`` is "out" where the parameter writes the space (conv output channels,
+    biases, norm parameters and buffers: folded with the merge matrix) and "in"
+    where it reads it (conv input channels: folded with the unmerge matrix).
+    Positions ``offset`` .. ``offset + width * repeat`` of ``axis`` hold the space,
+    each channel repeated ``repeat`` times consecutively.
+    """
+
+    param: str
+    axis: int
+    role: Role
+    offset: int = 0
+    width: int = 0
+    repeat: int = 1
+
+    def __str__(self) -> str:
+        block = f"[{self.offset}:{self.offset + self.width * self.repeat}]"
+        repeat = f" x{self.repeat}" if self.repeat > 1 else ""
+        return f"{self.param}:{self.axis}{block}{repeat} ({self.role})"
+
+
+@dataclass(frozen=True)
+class Space:
+    """A set of channel axes of a model that must be transformed together.
+
+    Attributes:
+        name: stable name (the first layer that writes it; "input" and "output").
+        index: position in topological order among the model's spaces.
+        width: number of channels d.
+        role: "hidden", "input" (the model input) or "output" (the logits).
+        param_axes: every (parameter, axis) block the space touches.
+        producers: the layers whose outputs write the space (several for a residual stream).
+        merge_point: graph node whose output features are read for statistics.
+        frozen: True where the space must not be permuted or merged.
+        reason: why it is frozen ("" when it is not).
+    """
+
+    name: str
+    index: int
+    width: int
+    role: SpaceRole
+    param_axes: tuple[ParamAxis, ...]
+    producers: tuple[str, ...]
+    merge_point: str | None
+    frozen: bool
+    reason: str = ""
+
+    @property
+    def mergeable(self) -> bool:
+        return self.role == "hidden" and not self.frozen
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(axis.param for axis in self.param_axes))
+
+
+@dataclass(frozen=True)
+class Block:
+    """One part of a channel concatenation: ``width`` channels of ``space`` at ``offset``."""
+
+    space: str
+    offset: int
+    width: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Concatenation:
+    """A tensor made of several spaces side by side (``torch.cat`` along channels).
+
+    It is not matched itself: its merge/unmerge is block-diagonal in its parts'.
+    """
+
+    node: str
+    blocks: tuple[Block, ...]
+
+    @property
+    def width(self) -> int:
+        return sum(block.width for block in self.blocks)
+
+
+@dataclass
+class _Element:
+    width: int
+    origin: str
+    frozen_reasons: list[str] = field(default_factory=list)
+
+
+class SpaceFinder:
+    """Union-find over channel blocks, plus the parameter axes that read and write them."""
+
+    def __init__(self) -> None:
+        self._sets = UnionFind()
+        self._elements: list[_Element] = []
+        self._param_axes: list[tuple[int, ParamAxis]] = []
+        self._layout: dict[tuple[str, int], tuple[Segment, ...]] = {}
+        self._producers: dict[int, list[str]] = defaultdict(list)
+        self.input_element = self.new("input", 0)
+        self.output_element = self.new("output", 0)
+        self.freeze(self.input_element, INPUT_REASON)
+        self.freeze(self.output_element, OUTPUT_REASON)
+
+    # -- elements -------------------------------------------------------------------------
+    def new(self, origin: str, width: int, producer: bool = False) -> int:
+        """A fresh element of ``width`` channels first seen at ``origin``."""
+        element = len(self._elements)
+        self._elements.append(_Element(width, origin))
+        self._sets.union(element)  # registers the element with the union-find
+        if producer:
+            self._producers[element].append(origin)
+        return element
+
+    def new_channels(self, origin: str, width: int, axis: int | None) -> Channels:
+        return Channels(axis, (Segment(self.new(origin, width, producer=True), width),))
+
+    def input_channels(self, width: int) -> Channels:
+        return Channels(None, (Segment(self.input_element, width),))
+
+    def is_input(self, value: Value) -> bool:
+        """Whether ``value`` is the model input (its width is not checked: it is never moved)."""
+        return isinstance(value, Channels) and all(
+            self.same(s.element, self.input_element) for s in value.segments
+        )
+
+    def freeze(self, element: int, reason: str) -> None:
+        if reason not in self._elements[element].frozen_reasons:
+            self._elements[element].frozen_reasons.append(reason)
+
+    def freeze_value(self, value: Value, reason: str) -> None:
+        if isinstance(value, Channels):
+            for segment in value.segments:
+                self.freeze(segment.element, reason)
+
+    def add_producer(self, value: Channels, origin: str) -> None:
+        for segment in value.segments:
+            self._producers[segment.element].append(origin)
+
+    def union(self, a: int, b: int) -> None:
+        self._sets.union(a, b)
+
+    def same(self, a: int, b: int) -> bool:
+        return self._sets[a] == self._sets[b]
+
+    # -- joins ----------------------------------------------------------------------------
+    def join(self, values: list[Value], where: str) -> Value:
+        """Values combined elementwise (add, mul, ...): their channels become one structure."""
+        channels = [value for value in values if isinstance(value, Channels)]
+        unknown = [value for value in values if isinstance(value, Unknown)]
+        if unknown:
+            for value in channels:
+                self.freeze_value(value, f"{where} combines it with {unknown[0].reason}")
+            return unknown[0]
+        if not channels:
+            return None
+        first = channels[0]
+        for other in channels[1:]:
+            if _layout(first) != _layout(other):
+                reason = f"{where} adds tensors whose channel blocks differ"
+                for value in channels:
+                    self.freeze_value(value, reason)
+                return Unknown(reason)
+            for mine, theirs in zip(first.segments, other.segments, strict=True):
+                self.union(mine.element, theirs.element)
+        axes = {value.axis for value in channels} - {None}
+        return first.moved(axes.pop() if len(axes) == 1 else first.axis)
+
+    def concatenate(self, values: list[Channels], axis: int | None) -> Channels:
+        return Channels(axis, tuple(s for value in values for s in value.segments))
+
+    # -- parameters -----------------------------------------------------------------------
+    def touch(self, param: str, axis: int, role: Role, value: Channels) -> None:
+        """Parameter ``param`` reads (role "in") or writes (role "out") ``value`` along ``axis``.
+
+        Touching the same parameter axis twice (a layer called twice) unites the spaces.
+        """
+        key = (param, axis)
+        previous = self._layout.get(key)
+        if previous is not None:
+            if _segments_layout(previous) != _segments_layout(value.segments):
+                reason = f"{param} is used twice with different channel blocks"
+                for segment in (*previous, *value.segments):
+                    self.freeze(segment.element, reason)
+            else:
+                for mine, theirs in zip(previous, value.segments, strict=True):
+                    self.union(mine.element, theirs.element)
+            return
+        self._layout[key] = value.segments
+        offset = 0
+        for segment in value.segments:
+            self._param_axes.append(
+                (
+                    segment.element,
+                    ParamAxis(param, axis, role, offset, segment.width, segment.repeat),
+                )
+            )
+            offset += segment.size
+
+    def touch_unknown(self, param: str, axis: int, width: int, reason: str) -> Channels:
+        """A parameter axis reading channels the tracer could not follow: a frozen block."""
+        element = self.new(f"{param.rsplit('.', 1)[0]}.input", width)
+        self.freeze(element, reason)
+        value = Channels(None, (Segment(element, width),))
+        self.touch(param, axis, "in", value)
+        return value
+
+    # -- results --------------------------------------------------------------------------
+    def root(self, element: int) -> int:
+        return self._sets[element]
+
+    def spaces(
+        self, merge_points: dict[int, str], names: dict[int, str] | None = None
+    ) -> tuple[list[Space], dict[int, Space]]:
+        """The spaces in topological order, and each element's space.
+
+        ``merge_points`` maps elements to the graph node whose output is read;
+        ``names`` optionally names spaces (by any of their elements).
+        """
+        groups: dict[int, list[int]] = defaultdict(list)
+        for element in range(len(self._elements)):
+            groups[self.root(element)].append(element)
+        axes: dict[int, list[ParamAxis]] = defaultdict(list)
+        for element, axis in self._param_axes:
+            axes[self.root(element)].append(axis)
+        used = [
+            root
+            for root, members in groups.items()
+            if axes[root] or self.input_element in members or self.output_element in members
+        ]
+        last = len(self._elements)
+        used.sort(
+            key=lambda root: (
+                self.input_element not in groups[root],
+                self.output_element in groups[root],
+                min(set(groups[root]) - {self.output_element}, default=last),
+            )
+        )
+        spaces: list[Space] = []
+        by_element: dict[int, Space] = {}
+        taken: set[str] = set()
+        for root in used:
+            members = sorted(groups[root])
+            space = self._space(len(spaces), members, axes[root], merge_points, names, taken)
+            spaces.append(space)
+            for element in members:
+                by_element[element] = space
+        return spaces, by_element
+
+    def _space(
+        self,
+        index: int,
+        members: list[int],
+        param_axes: list[ParamAxis],
+        merge_points: dict[int, str],
+        names: dict[int, str] | None,
+        taken: set[str],
+    ) -> Space:
+        role: SpaceRole = "hidden"
+        if self.input_element in members:
+            role = "input"
+        elif self.output_element in members:
+            role = "output"
+        reasons = list(dict.fromkeys(r for e in members for r in self._elements[e].frozen_reasons))
+        if role == "hidden":
+            widths = {axis.width for axis in param_axes}
+            if len(widths) > 1:
+                reasons.append(f"inconsistent widths {sorted(widths)} across its layers")
+        producers = tuple(p for e in members for p in self._producers.get(e, ()))
+        name = _space_name(role, members, producers, names, self._elements)
+        if name in taken:
+            name = f"{name}#{index}"
+        taken.add(name)
+        width = max((axis.width for axis in param_axes), default=0)
+        merge_point = next((merge_points[e] for e in members if e in merge_points), None)
+        return Space(
+            name=name,
+            index=index,
+            width=width,
+            role=role,
+            param_axes=tuple(param_axes),
+            producers=producers,
+            merge_point=merge_point,
+            frozen=bool(reasons),
+            reason="; ".join(reasons),
+        )
+
+
+def _space_name(
+    role: SpaceRole,
+    members: list[int],
+    producers: tuple[str, ...],
+    names: dict[int, str] | None,
+    elements: list[_Element],
+) -> str:
+    if role != "hidden":
+        return role
+    for element in members:
+        if names and element in names:
+            return names[element]
+    return producers[0] if producers else elements[members[0]].origin
+
+
+def _segments_layout(segments: tuple[Segment, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((segment.width, segment.repeat) for segment in segments)
+
+
+def _layout(value: Channels) -> tuple[tuple[int, int], ...]:
+    return _segments_layout(value.segments)
