@@ -19,22 +19,29 @@ from graphmerge import (
     matching_functions,
     models,
     normalization,
+    statistics,
     training,
 )
 from graphmerge.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from graphmerge.merge import Match, Merger, MergeResult, merge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "Match",
+    "MergeResult",
+    "Merger",
     "__version__",
     "data",
     "evaluation",
     "graphs",
     "load_checkpoint",
     "matching_functions",
+    "merge",
     "models",
     "normalization",
     "save_checkpoint",
+    "statistics",
     "training",
 ]

@@ -214,10 +214,7 @@ def _graph_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, 
             raise ValueError("--hidden applies to --model mlp only")
         kwargs["hidden"] = _parse_widths(args.hidden)
     shape = _recipe_shape(args, architecture, kwargs)
-    if architecture == "mlp":
-        kwargs["input_dim"] = math.prod(shape)
-    elif architecture in ("vgg", "resnet20"):
-        kwargs["in_channels"] = shape[0]
+    kwargs.update(models.data_kwargs(architecture, shape, args.num_classes))
     model = models.build(args.model, seed=args.seed, **kwargs)
     # Fresh norm layers hold permutation-invariant values; random ones make the check strict.
     return randomize_statistics(model, seed=args.seed), shape
@@ -309,15 +306,12 @@ def _load_training_data(args: argparse.Namespace, recipe: dict[str, Any]) -> gm_
 def _model_kwargs(
     args: argparse.Namespace, architecture: str, splits: gm_data.DataSplits
 ) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"num_classes": splits.num_classes, "width_multiplier": args.width}
-    if architecture == "mlp":
-        kwargs["input_dim"] = math.prod(splits.input_shape)
-        if args.hidden:
-            kwargs["hidden"] = _parse_widths(args.hidden)
-    elif args.hidden:
-        raise ValueError("--hidden applies to --model mlp only")
-    if architecture in ("vgg", "resnet20"):
-        kwargs["in_channels"] = splits.input_shape[0]
+    kwargs = models.data_kwargs(architecture, splits.input_shape, splits.num_classes)
+    kwargs["width_multiplier"] = args.width
+    if args.hidden:
+        if architecture != "mlp":
+            raise ValueError("--hidden applies to --model mlp only")
+        kwargs["hidden"] = _parse_widths(args.hidden)
     if args.norm is not None:
         kwargs["norm"] = args.norm
     return kwargs

@@ -24,26 +24,39 @@ from graphmerge.graphs.spaces import ParamAxis
 class AxisMap:
     """A linear map from d channels to d' channels, applied along one tensor axis.
 
-    Either a dense ``matrix`` (d', d) or, for permutations and selections, an
-    ``index`` of length d' (output channel k is input channel index[k]), which is
-    exact and fast.
+    Either a dense ``matrix`` (d', d) or, when every row has at most one non-zero
+    (permutations, averaging of matched units, block placement), an ``index`` of
+    length d' with an optional ``scale``: output channel k is ``scale[k]`` times
+    input channel ``index[k]``. The sparse form is exact and fast.
     """
 
     matrix: Tensor | None = None
     index: Tensor | None = None
+    scale: Tensor | None = None
 
     @classmethod
     def permutation(cls, index: Tensor) -> AxisMap:
         return cls(index=index.long())
 
-    @property
-    def in_width(self) -> int | None:
-        return None if self.matrix is None else self.matrix.shape[1]
+    @classmethod
+    def from_matrix(cls, matrix: Tensor) -> AxisMap:
+        """The sparse form when each row has at most one non-zero, else the dense one."""
+        nonzero = matrix != 0
+        if bool((nonzero.sum(dim=1) <= 1).all()):
+            index = nonzero.to(torch.int8).argmax(dim=1)
+            scale = matrix.gather(1, index[:, None]).squeeze(1)
+            return cls(index=index, scale=None if bool((scale == 1).all()) else scale)
+        return cls(matrix=matrix)
 
     def apply(self, tensor: Tensor, axis: int) -> Tensor:
         """``tensor`` with ``axis`` (length d) mapped to d' channels."""
         if self.index is not None:
-            return tensor.index_select(axis, self.index.to(tensor.device))
+            mapped = tensor.index_select(axis, self.index.to(tensor.device))
+            if self.scale is None:
+                return mapped
+            shape = [1] * tensor.dim()
+            shape[axis] = -1
+            return mapped * self.scale.to(device=tensor.device, dtype=tensor.dtype).view(shape)
         matrix = self.matrix.to(device=tensor.device, dtype=tensor.dtype)
         moved = tensor.movedim(axis, -1) @ matrix.T
         return moved.movedim(-1, axis)

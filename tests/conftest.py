@@ -7,6 +7,22 @@ import torch
 
 import graphmerge as gm
 
+# graphmerge's reference models in every normalization (name, build kwargs, input shape)
+REFERENCE_MODELS = [
+    ("mlp", {"hidden": (32, 16)}, (64,)),
+    ("mlp", {"hidden": (32, 16), "norm": "bn"}, (64,)),
+    ("mlp", {"hidden": (32, 16), "norm": "ln"}, (64,)),
+    ("vgg11", {"norm": "none", "width_multiplier": 0.25}, (3, 32, 32)),
+    ("vgg11", {"norm": "bn", "width_multiplier": 0.25}, (3, 32, 32)),
+    ("vgg11", {"norm": "ln", "width_multiplier": 0.25}, (3, 32, 32)),
+    ("resnet20", {"norm": "bn"}, (3, 8, 8)),
+    ("resnet20", {"norm": "ln"}, (3, 8, 8)),
+    ("resnet20", {"norm": "none"}, (3, 8, 8)),
+    ("resnet20", {"norm": "bn", "width_multiplier": 4}, (3, 8, 8)),
+    ("resnet20", {"norm": "ln", "width_multiplier": 4}, (3, 8, 8)),
+    ("resnet20", {"norm": "none", "width_multiplier": 4}, (3, 8, 8)),
+]
+
 
 @pytest.fixture(scope="session")
 def digits_flat() -> gm.data.DataSplits:
@@ -33,3 +49,27 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert list(sa) == list(sb)
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+def calibrated(model: torch.nn.Module, inputs: torch.Tensor, seed: int = 0) -> torch.nn.Module:
+    """A copy with random norm affines and BatchNorm statistics measured on ``inputs``.
+
+    Random weights plus data-matched running statistics: every unit carries a
+    distinct, well-scaled signal (no unit constant on the data), and a fold that
+    forgets a buffer changes the outputs.
+    """
+    model = gm.graphs.randomize_statistics(model, seed=seed)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(inputs)
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return ((reference - other).abs().max() / reference.abs().max()).item()

@@ -37,8 +37,10 @@ class NodeKind(str, enum.Enum):
     UNMERGE = "unmerge"
 
 
-# Where a space's features are best read, from most to least preferred.
-_MERGE_POINT_RANK = {"activation": 3, "add": 2, "norm": 1, "producer": 0}
+# Where a space's features are read, from most to least preferred: pre-activation
+# values (a residual sum, a norm output, a layer output) keep the sign information a
+# ReLU discards, so units that never fire on the data are still told apart.
+_MERGE_POINT_RANK = {"add": 3, "norm": 2, "producer": 1, "activation": 0}
 
 
 @dataclass

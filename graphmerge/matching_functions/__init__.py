@@ -1,6 +1,27 @@
-"""Matching functions: pure functions from feature statistics to merge/unmerge matrices.
+"""Matching functions: statistics in, (merge, unmerge) out, registered by name.
 
-Signature: ``fn(stats, num_models, **hparams) -> (merge, unmerge)`` where
-``merge`` has shape (d', N*d) and ``unmerge`` (N*d, d') for a space of width d
-shared by N models (see the "Merge engine" and "Matching functions" issues).
+Example:
+    >>> import graphmerge as gm
+    >>> gm.matching_functions.available()
+    ['identity', 'permute']
+    >>> merge, unmerge = gm.matching_functions.get("permute")(stats, num_models=2)
 """
+
+from graphmerge.matching_functions.basic import identity, permute
+from graphmerge.matching_functions.registry import (
+    MatchingFunction,
+    Statistics,
+    available,
+    get,
+    register,
+)
+
+__all__ = [
+    "MatchingFunction",
+    "Statistics",
+    "available",
+    "get",
+    "identity",
+    "permute",
+    "register",
+]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,22 @@ def build(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
             model = builder(**bound.arguments)
     setattr(model, SPEC_ATTRIBUTE, ModelSpec(architecture, dict(bound.arguments)))
     return model
+
+
+def data_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """The build arguments that a data set fixes: classes, and input size or channels.
+
+    Example:
+        >>> data_kwargs("mlp", (64,), 5)
+        {'num_classes': 5, 'input_dim': 64}
+    """
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    architecture = architecture_of(name)
+    if architecture == "mlp":
+        kwargs["input_dim"] = math.prod(input_shape)
+    elif architecture in ("vgg", "resnet20"):
+        kwargs["in_channels"] = input_shape[0]
+    return kwargs
 
 
 def architecture_of(name: str) -> str:

@@ -3,27 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import state_hash
+from conftest import REFERENCE_MODELS, state_hash
 from torch import nn
 
 import graphmerge as gm
 from graphmerge.graphs import GraphTraceError, randomize_statistics, reference_graph, trace
 from graphmerge.graphs.trace import reshaped_axis
-
-REFERENCE_MODELS = [
-    ("mlp", {"hidden": (32, 16)}, (64,)),
-    ("mlp", {"hidden": (32, 16), "norm": "bn"}, (64,)),
-    ("mlp", {"hidden": (32, 16), "norm": "ln"}, (64,)),
-    ("vgg11", {"norm": "none", "width_multiplier": 0.25}, (3, 32, 32)),
-    ("vgg11", {"norm": "bn", "width_multiplier": 0.25}, (3, 32, 32)),
-    ("vgg11", {"norm": "ln", "width_multiplier": 0.25}, (3, 32, 32)),
-    ("resnet20", {"norm": "bn"}, (3, 8, 8)),
-    ("resnet20", {"norm": "ln"}, (3, 8, 8)),
-    ("resnet20", {"norm": "none"}, (3, 8, 8)),
-    ("resnet20", {"norm": "bn", "width_multiplier": 4}, (3, 8, 8)),
-    ("resnet20", {"norm": "ln", "width_multiplier": 4}, (3, 8, 8)),
-    ("resnet20", {"norm": "none", "width_multiplier": 4}, (3, 8, 8)),
-]
 
 # Coverage 1.0: every hidden space mergeable. regnet's grouped convs freeze most channels.
 TORCHVISION_MODELS = [
@@ -86,7 +71,7 @@ def test_resnet_streams_are_single_spaces():
     assert "layer2.0.shortcut.0.weight" in params  # the 1x1 projection reads the stream
     stage2 = graph.space("layer2.0.conv2")
     assert "layer2.0.shortcut.0.weight" in stage2.params  # ... and writes the next one
-    assert stream.merge_point == "layer1_2_relu2"  # the stream's last activation
+    assert stream.merge_point == "add_2"  # pre-activation: the stream's last residual sum
 
 
 def test_input_and_output_are_never_permuted():

@@ -1,0 +1,313 @@
+"""The merge engine: statistics, a matching per space, and the fold, for N >= 2 models.
+
+``merge`` is the one-call API; ``Merger`` keeps the graph and the statistics so
+that several methods, scopes and output modes can be compared on the same data
+without a second pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from graphmerge import matching_functions
+from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
+from graphmerge.graphs import ModelGraph, Space, trace
+from graphmerge.resize import resized_copy
+from graphmerge.statistics import SpaceStatistics, batch_inputs, collect_statistics
+
+Output = Literal["average", "concat"]
+OUTPUTS = ("average", "concat")
+EXAMPLE_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Match:
+    """How one space is merged: ``merge`` (d', N*d) and ``unmerge`` (N*d, d')."""
+
+    merge: Tensor
+    unmerge: Tensor
+
+    @property
+    def merged_width(self) -> int:
+        return self.merge.shape[0]
+
+
+@dataclass
+class MergeResult:
+    """A merged model and how it was made.
+
+    Attributes:
+        model: the merged nn.Module (a new object; the inputs are untouched).
+        matches: the Match of every mergeable space, merged or kept side by side.
+        merged: names of the spaces merged by the method; the other mergeable
+            spaces are kept unmerged (width N*d) by start_at / stop_at.
+        method, output: as requested; seconds: wall time of matching and fold.
+    """
+
+    model: nn.Module
+    matches: dict[str, Match]
+    merged: list[str]
+    method: str
+    output: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Merger:
+    """Merge N models of one architecture; statistics are collected once and reused.
+
+    Example:
+        >>> merger = gm.Merger([model_a, model_b], example_input=x)
+        >>> merger.collect(loader, max_samples=1024)
+        >>> permuted = merger.merge("permute").model
+        >>> averaged = merger.merge("identity").model
+        >>> ensemble = merger.merge("permute", start_at=len(merger.spaces)).model
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        graph: ModelGraph | None = None,
+        example_input: Tensor | None = None,
+    ) -> None:
+        check_models(models)
+        if graph is None:
+            if example_input is None:
+                raise ValueError("Merger needs a graph or an example_input to trace the models")
+            device = next(iter(models[0].state_dict().values())).device
+            graph = trace(models[0], example_input[:EXAMPLE_BATCH].to(device))
+        self.models = list(models)
+        self.graph = graph
+        device = next(iter(models[0].state_dict().values())).device
+        self.example_input = None if example_input is None else example_input.to(device)
+        self.statistics: dict[str, SpaceStatistics] | None = None
+
+    @property
+    def spaces(self) -> list[Space]:
+        """The mergeable spaces, in topological order (what start_at / stop_at count)."""
+        return self.graph.mergeable_spaces
+
+    def collect(
+        self,
+        loader: Iterable,
+        max_batches: int | None = None,
+        max_samples: int | None = None,
+        progress: bool = True,
+    ) -> dict[str, SpaceStatistics]:
+        """One pass over ``loader``: feature statistics of every mergeable space."""
+        self.statistics = collect_statistics(
+            self.models,
+            self.graph,
+            loader,
+            max_batches=max_batches,
+            max_samples=max_samples,
+            progress=progress,
+        )
+        return self.statistics
+
+    def merge(
+        self,
+        method: str = "permute",
+        start_at: int | str | None = None,
+        stop_at: int | str | None = None,
+        output: Output = "average",
+        **hparams: object,
+    ) -> MergeResult:
+        """Match the spaces in [start_at, stop_at) with ``method``; keep the others unmerged.
+
+        ``start_at=k`` keeps the first k mergeable spaces side by side (width N*d,
+        preserve-first merging); ``stop_at=k`` keeps spaces k.. side by side
+        (partial zipping, per-model heads). Spaces are given by index into
+        ``self.spaces`` or by name. ``output="concat"`` gives joint logits over
+        the models' label sets; ``"average"`` averages them.
+        """
+        function = matching_functions.get(method)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        first, last = self._scope(start_at, stop_at)
+        merged = [space.name for space in self.spaces[first:last]]
+        if merged and self.statistics is None:
+            raise ValueError(
+                f"method {method!r} needs feature statistics: call collect(loader) first"
+            )
+        count = len(self.models)
+        started = time.perf_counter()
+        matches: dict[str, Match] = {}
+        for space in self.spaces:
+            if space.name in merged:
+                merge, unmerge = function(self.statistics[space.name], count, **hparams)
+                matches[space.name] = _checked(Match(merge, unmerge), space, count, method)
+            else:
+                eye = torch.eye(count * space.width, dtype=torch.float64)
+                matches[space.name] = Match(eye, eye)
+        matched = time.perf_counter()
+        model = self._fold(matches, output)
+        folded = time.perf_counter()
+        return MergeResult(
+            model=model,
+            matches=matches,
+            merged=merged,
+            method=method,
+            output=output,
+            seconds={"matching": matched - started, "fold": folded - matched},
+        )
+
+    def _scope(self, start_at: int | str | None, stop_at: int | str | None) -> tuple[int, int]:
+        first = 0 if start_at is None else self._position(start_at, "start_at")
+        last = len(self.spaces) if stop_at is None else self._position(stop_at, "stop_at")
+        return first, max(first, last)
+
+    def _position(self, key: int | str, name: str) -> int:
+        count = len(self.spaces)
+        if isinstance(key, str):
+            names = [space.name for space in self.spaces]
+            if key not in names:
+                raise ValueError(
+                    f"{name}={key!r} is not a mergeable space; mergeable: {', '.join(names)}"
+                )
+            return names.index(key)
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= count:
+            raise ValueError(
+                f"{name}={key!r} is out of range: this graph has {count} mergeable spaces, so "
+                f"{name} must be an index in 0..{count} or a space name"
+            )
+        return key
+
+    def _fold(self, matches: dict[str, Match], output: Output) -> nn.Module:
+        count = len(self.models)
+        maps = {name: _space_maps(match, count) for name, match in matches.items()}
+        if output == "concat":
+            classes = self.graph.spaces[-1].width
+            placement = torch.eye(count * classes, dtype=torch.float64)
+            maps[self.graph.spaces[-1].name] = _space_maps(Match(placement, placement), count)
+        states = [model.state_dict() for model in self.models]
+        state = fold_state_dicts(states, self.graph.param_axes, maps, self.graph.aliases)
+        merged = resized_copy(self.models[0], state)
+        if self.example_input is not None:
+            _check_runs(merged, self.example_input[:EXAMPLE_BATCH])
+        return merged
+
+
+def _space_maps(match: Match, count: int) -> SpaceMaps:
+    width = match.merge.shape[1] // count
+    block = [slice(i * width, (i + 1) * width) for i in range(count)]
+    return SpaceMaps(
+        write=[AxisMap.from_matrix(match.merge[:, b]) for b in block],
+        read=[AxisMap.from_matrix(match.unmerge[b, :].T) for b in block],
+    )
+
+
+def _checked(match: Match, space: Space, count: int, method: str) -> Match:
+    total = count * space.width
+    merge, unmerge = match.merge, match.unmerge
+    if merge.dim() != 2 or unmerge.dim() != 2:
+        raise ValueError(f"{method} returned non-matrix merge/unmerge for space {space.name!r}")
+    merged_width = merge.shape[0]
+    if merge.shape != (merged_width, total) or unmerge.shape != (total, merged_width):
+        raise ValueError(
+            f"{method} returned merge {tuple(merge.shape)} and unmerge {tuple(unmerge.shape)} "
+            f"for space {space.name!r}; expected (d', {total}) and ({total}, d')"
+        )
+    if not 1 <= merged_width <= total:
+        raise ValueError(f"{method} merged space {space.name!r} to width {merged_width}")
+    if not (torch.isfinite(merge).all() and torch.isfinite(unmerge).all()):
+        raise FloatingPointError(f"{method} returned NaN or Inf for space {space.name!r}")
+    return Match(merge.detach().cpu().double(), unmerge.detach().cpu().double())
+
+
+def _check_runs(model: nn.Module, example: Tensor) -> None:
+    from graphmerge.evaluation import evaluating
+
+    try:
+        with evaluating(model), torch.no_grad():
+            model(example)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"the merged {type(model).__name__} does not run ({error}); a layer of this model "
+            "hard-codes a width that merging changed"
+        ) from error
+
+
+def check_models(models: Sequence[nn.Module]) -> None:
+    """Clear errors for anything that cannot be merged: count, classes, shapes, NaN, devices."""
+    if isinstance(models, nn.Module) or len(models) < 2:
+        raise ValueError("merging needs at least 2 models (a list of nn.Modules)")
+    for index, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model {index} is a {type(model).__name__}, not an nn.Module")
+    reference = models[0].state_dict()
+    for index, model in enumerate(models):
+        if type(model) is not type(models[0]):
+            raise ValueError(
+                f"model {index} is a {type(model).__name__} but model 0 is a "
+                f"{type(models[0]).__name__}: merge models of the same architecture"
+            )
+        state = model.state_dict()
+        if list(state) != list(reference):
+            missing = sorted(set(reference) - set(state))[:3]
+            extra = sorted(set(state) - set(reference))[:3]
+            raise ValueError(
+                f"model {index} has different parameters than model 0 (missing {missing}, "
+                f"extra {extra}): merge models of the same architecture"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != reference[key].shape:
+                raise ValueError(
+                    f"{key} has shape {tuple(tensor.shape)} in model {index} but "
+                    f"{tuple(reference[key].shape)} in model 0: merge models of the same "
+                    "architecture and width"
+                )
+            if tensor.device != reference[key].device:
+                raise ValueError(
+                    f"{key} is on {tensor.device} in model {index} but on "
+                    f"{reference[key].device} in model 0: move the models to one device"
+                )
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{key} of model {index} contains NaN or Inf values")
+
+
+def merge(
+    models: Sequence[nn.Module],
+    loader: Iterable | None,
+    method: str = "permute",
+    start_at: int | str | None = None,
+    stop_at: int | str | None = None,
+    output: Output = "average",
+    graph: ModelGraph | None = None,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+    **hparams: object,
+) -> nn.Module:
+    """Merge N >= 2 models of one architecture into one new model.
+
+    Traces the first model (or uses ``graph``), collects feature statistics on
+    ``loader`` (input tensors or (input, target) pairs), matches every mergeable
+    space with ``method`` (see ``gm.matching_functions.available()``) and folds.
+
+    Example:
+        >>> merged = gm.merge([model_a, model_b], data.train, method="permute")
+        >>> ensemble = gm.merge([model_a, model_b], data.train, stop_at=0)  # nothing merged
+    """
+    check_models(models)
+    if loader is None:
+        raise ValueError(f"method {method!r} needs a data loader for its feature statistics")
+    batches = iter(loader)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("the loader yielded no batches: merging needs data for statistics")
+    example = batch_inputs(first)
+    merger = Merger(models, graph=graph, example_input=example)
+    merger.collect(
+        itertools.chain([first], batches),
+        max_batches=max_batches,
+        max_samples=max_samples,
+        progress=progress,
+    )
+    return merger.merge(method, start_at=start_at, stop_at=stop_at, output=output, **hparams).model

@@ -1,0 +1,56 @@
+"""RESET: recompute BatchNorm running statistics of a (merged) model on data."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from graphmerge.evaluation import model_device
+from graphmerge.statistics import batch_inputs
+
+
+def reset_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running mean/var are recomputed on ``loader``.
+
+    Cumulative average over the loader (momentum=None), one pass without gradients;
+    only the BatchNorm layers run in train mode, so dropout and everything else are
+    unaffected. The copy keeps the model's train/eval mode. A model without
+    BatchNorm comes back unchanged.
+
+    Example:
+        >>> merged = gm.normalization.reset_bn(merged, data.train)
+    """
+    reset = copy.deepcopy(model)
+    norms = [m for m in reset.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return reset
+    modes = {module: module.training for module in reset.modules()}
+    momenta = [norm.momentum for norm in norms]
+    device = model_device(reset)
+    reset.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                inputs = batch_inputs(batch).to(device)
+                if inputs.shape[0] == 0:
+                    continue
+                reset(inputs)
+                seen += inputs.shape[0]
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
+    if seen == 0:
+        raise ValueError("the loader yielded no samples: reset_bn needs data")
+    return reset

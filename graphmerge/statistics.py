@@ -1,0 +1,321 @@
+"""Feature statistics at every merge point of N models, streamed in float64.
+
+For each mergeable space, the features of the N models at the space's merge
+point are concatenated (N*d columns; conv maps give one row per batch element and
+position) and summed: count, sum and sum of outer products. Memory does not grow
+with the number of samples, and statistics from several processes combine by
+adding those three (an ``all_reduce``). Each batch is centred before its outer
+product is taken in the features' own precision, then added in float64, so float32
+models lose no accuracy to cancellation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+from tqdm.auto import tqdm
+
+from graphmerge.evaluation import evaluating
+from graphmerge.graphs import ModelGraph, NodeKind, Space
+
+STD_EPS = 1e-8
+
+
+@dataclass
+class SpaceStatistics:
+    """Streaming moments of the concatenated features (N*d) of one space.
+
+    ``count`` samples, ``total`` = sum of features, ``outer`` = sum of outer products.
+    """
+
+    count: int
+    total: Tensor
+    outer: Tensor
+
+    @classmethod
+    def empty(cls, width: int, device: torch.device | str = "cpu") -> SpaceStatistics:
+        zeros = torch.zeros(width, dtype=torch.float64, device=device)
+        return cls(0, zeros, torch.zeros(width, width, dtype=torch.float64, device=device))
+
+    def update(self, features: Tensor) -> None:
+        """Add rows of ``features`` (samples x N*d)."""
+        self.update_blocks([features.T.contiguous()])
+
+    def update_blocks(self, blocks: Sequence[Tensor]) -> None:
+        """Add samples given channel-major, one (d_i x samples) block per model.
+
+        The blocks are centred in place (pass tensors you own). Outer products are
+        taken in the features' precision on centred values, block by block (the
+        lower triangle mirrored), and accumulated in float64.
+        """
+        samples = blocks[0].shape[1]
+        # sum x x^T = sum c c^T + shift r^T + r shift^T + n shift shift^T, with c = x - shift
+        # and r = sum c (not exactly 0 in floating point): exact for any shift.
+        shifts = [block.mean(dim=1) for block in blocks]
+        for block, shift in zip(blocks, shifts, strict=True):
+            block -= shift[:, None]
+        starts = [0]
+        for block in blocks:
+            starts.append(starts[-1] + block.shape[0])
+        for i, left in enumerate(blocks):
+            rows = slice(starts[i], starts[i + 1])
+            for j in range(i + 1):
+                product = (left @ blocks[j].T).double()
+                columns = slice(starts[j], starts[j + 1])
+                self.outer[rows, columns] += product
+                if i != j:
+                    self.outer[columns, rows] += product.T
+        shift = torch.cat(shifts).double()
+        residual = torch.cat([block.sum(dim=1) for block in blocks]).double()
+        half = residual + samples / 2 * shift  # shift r^T + r shift^T + n shift shift^T
+        self.outer.addr_(shift, half).addr_(half, shift)
+        self.total += residual + samples * shift
+        self.count += samples
+
+    @property
+    def finite(self) -> bool:
+        """False once a NaN or Inf feature has been added (it reaches the sums)."""
+        return bool(
+            torch.isfinite(self.total).all() and torch.isfinite(self.outer.diagonal()).all()
+        )
+
+    def __add__(self, other: SpaceStatistics) -> SpaceStatistics:
+        return SpaceStatistics(
+            self.count + other.count, self.total + other.total, self.outer + other.outer
+        )
+
+    @property
+    def mean(self) -> Tensor:
+        return self.total / self.count
+
+    @property
+    def covariance(self) -> Tensor:
+        mean = self.mean
+        return self.outer / self.count - torch.outer(mean, mean)
+
+    @property
+    def std(self) -> Tensor:
+        """Standard deviations, clamped at 1e-8 so dead units give no NaN."""
+        return self.covariance.diagonal().clamp_min(0).sqrt().clamp_min(STD_EPS)
+
+    @property
+    def correlation(self) -> Tensor:
+        std = self.std
+        return self.covariance / torch.outer(std, std)
+
+    def to(self, device: torch.device | str) -> SpaceStatistics:
+        return SpaceStatistics(self.count, self.total.to(device), self.outer.to(device))
+
+
+def batch_inputs(batch: object) -> Tensor:
+    """The input tensor of a batch: a tensor, or the first item of an (input, target) pair."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise ValueError(
+        "the loader must yield input tensors or (input, target) pairs; got a batch of type "
+        f"{type(batch).__name__}"
+    )
+
+
+class FeatureReader:
+    """Runs a model and returns the features (samples x d) at the merge points of ``spaces``."""
+
+    def __init__(self, model: nn.Module, graph: ModelGraph, spaces: Sequence[Space]) -> None:
+        self.model = model
+        self.spaces = list(spaces)
+        if graph.module is not None:
+            self._run = self._fx_reader(model, graph, spaces)
+        else:
+            self._run = self._hook_reader(model, graph, spaces)
+
+    def __call__(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Features of every space, channel-major: (d x samples), freshly allocated."""
+        values = self._run(inputs)
+        for space in self.spaces:
+            if values[space.name].shape[0] != space.width:
+                raise ValueError(
+                    f"features of space {space.name!r} have {values[space.name].shape[0]} "
+                    f"channels, expected {space.width}"
+                )
+        return values
+
+    @staticmethod
+    def _fx_reader(model: nn.Module, graph: ModelGraph, spaces: Sequence[Space]):
+        """A copy of the traced graph that returns only the merge-point values (dead code cut)."""
+        fx_graph = fx.Graph()
+        mapping: dict[fx.Node, fx.Node] = {}
+        for node in graph.module.graph.nodes:
+            if node.op != "output":
+                mapping[node] = fx_graph.node_copy(node, lambda n: mapping[n])
+        by_name = {node.name: node for node in graph.module.graph.nodes}
+        points = {}
+        for space in spaces:
+            # Copy right away (a later in-place ReLU would overwrite it), channel-major.
+            value = mapping[by_name[space.merge_point]]
+            axis = graph.graph.nodes[space.merge_point]["channel_axis"]
+            with fx_graph.inserting_after(value):
+                points[space.name] = fx_graph.call_function(channel_rows, (value, axis))
+        fx_graph.output(points)
+        reader = fx.GraphModule(model, fx_graph)
+        reader.graph.eliminate_dead_code()
+        reader.recompile()
+        return reader
+
+    @staticmethod
+    def _hook_reader(model: nn.Module, graph: ModelGraph, spaces: Sequence[Space]):
+        """Forward hooks on the layers a hand-built graph names; sums and products recomputed."""
+        nodes = graph.graph.nodes
+        needed: dict[str, tuple[nn.Module, int]] = {}
+
+        def require(node: str, width: int) -> None:
+            data = nodes[node]
+            if data["kind"] is NodeKind.MODULE:
+                needed[node] = (model.get_submodule(data["target"]), width)
+            elif data["kind"] is NodeKind.FUNCTION and data["target"] in COMBINERS:
+                for source in data["inputs"]:
+                    require(source, width)
+            elif data["kind"] is not NodeKind.INPUT:
+                raise ValueError(
+                    f"cannot read features at {node!r} ({data['target']}): in a hand-built "
+                    "graph, merge points must be layer outputs, sums or products of them"
+                )
+
+        for space in spaces:
+            require(space.merge_point, space.width)
+
+        def value(node: str, inputs: Tensor, captured: dict[str, Tensor]) -> Tensor:
+            data = nodes[node]
+            if data["kind"] is NodeKind.MODULE:
+                return captured[node]
+            if data["kind"] is NodeKind.INPUT:
+                return channel_rows(inputs, _channel_axis(inputs, inputs.shape[1]))
+            parts = [value(source, inputs, captured) for source in data["inputs"]]
+            return COMBINERS[data["target"]](parts)
+
+        def run(inputs: Tensor) -> dict[str, Tensor]:
+            captured: dict[str, Tensor] = {}
+            handles = [
+                module.register_forward_hook(_capture(captured, node, width))
+                for node, (module, width) in needed.items()
+            ]
+            try:
+                model(inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return {s.name: value(s.merge_point, inputs, captured) for s in spaces}
+
+        return run
+
+
+COMBINERS = {
+    "add": lambda parts: functools.reduce(operator.add, parts),
+    "mul": lambda parts: functools.reduce(operator.mul, parts),
+}
+
+
+def channel_rows(value: Tensor, axis: int) -> Tensor:
+    """``value`` as a fresh (channels x samples) tensor: channels from ``axis``, the rest flat."""
+    rows = value.movedim(axis, 0).reshape(value.shape[axis], -1)
+    return rows.clone() if rows.data_ptr() == value.data_ptr() else rows
+
+
+def _channel_axis(value: Tensor, width: int) -> int:
+    """Hand-built graphs do not track axes: channels are on axis 1, else the last axis."""
+    return 1 if value.dim() > 1 and value.shape[1] == width else value.dim() - 1
+
+
+def _capture(store: dict[str, Tensor], name: str, width: int):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        # channel_rows copies now: a later in-place op must not change the features
+        store[name] = channel_rows(output, _channel_axis(output, width))
+
+    return hook
+
+
+def collect_statistics(
+    models: Sequence[nn.Module],
+    graph: ModelGraph,
+    loader: Iterable,
+    spaces: Sequence[Space] | None = None,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> dict[str, SpaceStatistics]:
+    """Feature statistics of every space in ``spaces`` (default: the mergeable ones).
+
+    One pass over ``loader`` (tensors or (input, target) pairs); every model runs
+    in eval mode without gradients and its modes are restored.
+
+    Example:
+        >>> stats = collect_statistics([model_a, model_b], graph, loader, max_samples=512)
+        >>> stats["layer1.0.conv1"].correlation.shape      # (2 * 16, 2 * 16)
+    """
+    spaces = list(graph.mergeable_spaces if spaces is None else spaces)
+    readers = [FeatureReader(model, graph, spaces) for model in models]
+    device = _device(models[0])
+    stats = {s.name: SpaceStatistics.empty(len(models) * s.width, device) for s in spaces}
+    seen = 0
+    with torch.no_grad(), _all_evaluating(models):
+        for inputs in _limited(loader, max_batches, max_samples, progress):
+            inputs = inputs.to(device)
+            features = [reader(inputs) for reader in readers]
+            for space in spaces:
+                stats[space.name].update_blocks([f[space.name] for f in features])
+                if not stats[space.name].finite:
+                    raise FloatingPointError(
+                        f"non-finite features (NaN or Inf) in space {space.name!r}: check the "
+                        "models' weights and the data"
+                    )
+            seen += inputs.shape[0]
+    if seen == 0:
+        raise ValueError("the loader yielded no samples: statistics need data")
+    return stats
+
+
+def _limited(
+    loader: Iterable, max_batches: int | None, max_samples: int | None, progress: bool
+) -> Iterator[Tensor]:
+    seen = 0
+    total = max_batches
+    if total is None and hasattr(loader, "__len__"):
+        total = len(loader)
+    bar = tqdm(total=total, desc="statistics", unit="batch", disable=not progress, leave=False)
+    try:
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            inputs = batch_inputs(batch)
+            if max_samples is not None:
+                inputs = inputs[: max(0, max_samples - seen)]
+                if inputs.shape[0] == 0:
+                    break
+            if inputs.shape[0] == 0:
+                continue
+            seen += inputs.shape[0]
+            yield inputs
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def _all_evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Eval mode for several models at once, each restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(evaluating(model))
+        yield
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.state_dict().values()), None)
+    return torch.device("cpu") if tensor is None else tensor.device

@@ -1,0 +1,45 @@
+"""reset_bn: BatchNorm statistics recomputed on data, in a copy."""
+
+import pytest
+import torch
+from conftest import state_hash
+from torch import nn
+
+import graphmerge as gm
+
+
+def test_reset_bn_equals_statistics_by_hand():
+    model = gm.models.build("resnet20", seed=0)
+    x = torch.randn(32, 3, 8, 8)
+    seen = {}
+    hook = model.layer2[0].norm1.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    before = state_hash(model)
+    reset = gm.normalization.reset_bn(model, [(x, torch.zeros(32))])
+    with torch.no_grad():
+        model.eval()(x)  # the hook sees the input of the same BN (running stats do not matter)
+    hook.remove()
+    # reset's conv weights equal the model's, and earlier BNs are reset too: compare by hand
+    inputs = {}
+    hook = reset.layer2[0].norm1.register_forward_hook(lambda m, a, o: inputs.setdefault("x", a[0]))
+    reset.train()
+    with torch.no_grad():
+        reset(x)
+    hook.remove()
+    channels = inputs["x"].transpose(0, 1).reshape(inputs["x"].shape[1], -1)
+    norm = reset.layer2[0].norm1
+    assert torch.allclose(norm.running_mean, channels.mean(1), atol=1e-5)
+    assert torch.allclose(norm.running_var, channels.var(1, unbiased=True), atol=1e-5)
+    assert state_hash(model) == before and reset is not model
+
+
+def test_reset_bn_averages_batches_and_leaves_dropout_alone():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Dropout(0.5)).eval()
+    batches = [torch.randn(10, 4), torch.randn(10, 4) + 2]
+    reset = gm.normalization.reset_bn(model, batches)
+    with torch.no_grad():
+        means = [model[0](b).mean(0) for b in batches]
+    assert torch.allclose(reset[1].running_mean, (means[0] + means[1]) / 2, atol=1e-5)
+    assert reset[1].momentum == model[1].momentum and not reset.training
+    assert not reset[2].training
+    with pytest.raises(ValueError, match="no samples"):
+        gm.normalization.reset_bn(model, [])

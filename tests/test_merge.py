@@ -1,0 +1,175 @@
+"""The merge engine: exactness on permuted copies, identity, ensembles, N = 3, errors."""
+
+import pytest
+import torch
+from conftest import REFERENCE_MODELS, calibrated, relative_error, state_hash
+
+import graphmerge as gm
+from graphmerge.graphs import trace
+
+ARCHITECTURES = [
+    *REFERENCE_MODELS,
+    ("torchvision:resnet18", {}, (3, 32, 32)),
+    ("torchvision:resnet50", {}, (3, 32, 32)),
+    ("torchvision:vgg11_bn", {"width_multiplier": 0.25}, (3, 32, 32)),
+    ("torchvision:densenet121", {}, (3, 32, 32)),
+    ("torchvision:mobilenet_v2", {}, (3, 32, 32)),
+    ("torchvision:efficientnet_b0", {}, (3, 32, 32)),
+    ("torchvision:googlenet", {}, (3, 32, 32)),
+    ("torchvision:squeezenet1_0", {}, (3, 32, 32)),
+    ("torchvision:regnet_x_400mf", {}, (3, 32, 32)),  # frozen spaces: averaged, still exact
+]
+
+
+def model_and_data(name, kwargs, shape, samples=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, *shape, generator=generator)
+    model = gm.models.build(name, seed=seed, num_classes=10, **kwargs)
+    return calibrated(model, x), x
+
+
+def batches(x, size=32):
+    return [x[i : i + size] for i in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "shape"), ARCHITECTURES)
+def test_permute_merges_a_model_with_its_permuted_copy_exactly(name, kwargs, shape):
+    model, x = model_and_data(name, kwargs, shape, samples=32 if name.startswith("torch") else 64)
+    graph = trace(model, x[:8])
+    copy = graph.permute(graph.random_permutations(seed=7))
+    with torch.no_grad():
+        reference, permuted_out = model(x), copy.eval()(x)
+    assert relative_error(reference, permuted_out) < 1e-4  # the copy computes the same
+    assert state_hash(copy) != state_hash(model)  # ... with other weights (BN buffers too)
+    merged = gm.merge([model, copy], batches(x), method="permute", graph=graph, progress=False)
+    with torch.no_grad():
+        assert relative_error(reference, merged.eval()(x)) < 1e-4
+
+
+def test_identity_is_the_plain_state_dict_average():
+    a, x = model_and_data("resnet20", {}, (3, 8, 8), seed=0)
+    b, _ = model_and_data("resnet20", {}, (3, 8, 8), seed=1)
+    merged = gm.merge([a, b], batches(x), method="identity", progress=False)
+    for key, value in merged.state_dict().items():
+        first, second = a.state_dict()[key], b.state_dict()[key]
+        if value.is_floating_point():
+            assert torch.equal(value, (first + second) / 2), key
+        else:
+            assert torch.equal(value, first), key  # counters: model 0's
+
+
+def test_identity_of_three_models_is_their_average():
+    models = [model_and_data("mlp", {"hidden": (16,)}, (64,), seed=s)[0] for s in range(3)]
+    x = torch.randn(32, 64)
+    merged = gm.merge(models, [x], method="identity", progress=False)
+    for key, value in merged.state_dict().items():
+        expected = sum(m.state_dict()[key] for m in models) / 3
+        assert torch.allclose(value, expected, atol=1e-7), key
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+def test_nothing_merged_is_the_exact_ensemble(name):
+    shape = (64,) if name == "mlp" else (3, 8, 8)
+    kwargs = {"hidden": (16, 16)} if name == "mlp" else {}
+    a, x = model_and_data(name, kwargs, shape, seed=0)
+    b, _ = model_and_data(name, kwargs, shape, seed=1)
+    merger = gm.Merger([a, b], example_input=x)
+    merger.collect(batches(x), progress=False)
+    count = len(merger.spaces)
+    with torch.no_grad():
+        logits = [a(x), b(x)]
+        for scope in ({"start_at": count}, {"stop_at": 0}):
+            average = merger.merge("permute", **scope).model.eval()(x)
+            assert relative_error((logits[0] + logits[1]) / 2, average) < 1e-5
+            joint = merger.merge("permute", output="concat", **scope).model.eval()(x)
+            assert joint.shape == (len(x), 20)
+            assert relative_error(torch.cat(logits, dim=1), joint) < 1e-5
+    widths = merger.merge("identity", start_at=count).matches
+    assert all(
+        m.merged_width == 2 * s.width for s, m in zip(merger.spaces, widths.values(), strict=True)
+    )
+
+
+def test_partial_scopes_by_index_and_by_name():
+    a, x = model_and_data("resnet20", {}, (3, 8, 8), seed=0)
+    b, _ = model_and_data("resnet20", {}, (3, 8, 8), seed=1)
+    merger = gm.Merger([a, b], example_input=x)
+    merger.collect(batches(x), progress=False)
+    names = [space.name for space in merger.spaces]
+    by_index = merger.merge("permute", start_at=2, stop_at=5)
+    by_name = merger.merge("permute", start_at=names[2], stop_at=names[5])
+    assert by_index.merged == by_name.merged == names[2:5]
+    assert state_hash(by_index.model) == state_hash(by_name.model)
+    widths = {n: m.merged_width for n, m in by_index.matches.items()}
+    assert widths[names[0]] == 2 * merger.spaces[0].width
+    assert widths[names[3]] == merger.spaces[3].width
+    with torch.no_grad():
+        assert by_index.model.eval()(x).shape == (64, 10)
+    assert by_index.model.conv1.out_channels == 32  # the stem stream is kept side by side
+
+
+def test_three_models_merge():
+    model, x = model_and_data("resnet20", {"norm": "bn"}, (3, 8, 8))
+    graph = trace(model, x[:8])
+    copies = [graph.permute(graph.random_permutations(seed=s)) for s in (1, 2)]
+    merged = gm.merge([model, *copies], batches(x), graph=graph, progress=False)
+    with torch.no_grad():
+        assert relative_error(model(x), merged.eval()(x)) < 1e-4
+    others = [model_and_data("resnet20", {}, (3, 8, 8), seed=s)[0] for s in (1, 2)]
+    merged = gm.merge([model, *others], batches(x), progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(merged.eval()(x)).all()
+
+
+def test_merging_is_deterministic_and_leaves_the_inputs_alone():
+    a, x = model_and_data("resnet20", {}, (3, 8, 8), seed=0)
+    b, _ = model_and_data("resnet20", {}, (3, 8, 8), seed=1)
+    a.train()
+    hashes = [state_hash(a), state_hash(b)]
+    first = gm.merge([a, b], batches(x), progress=False)
+    second = gm.merge([a, b], batches(x), progress=False)
+    assert state_hash(first) == state_hash(second)
+    assert [state_hash(a), state_hash(b)] == hashes
+    assert a.training and not b.training
+    assert first is not a and first is not b
+
+
+def test_bad_inputs_get_clear_errors():
+    a, x = model_and_data("resnet20", {}, (3, 8, 8), seed=0)
+    b, _ = model_and_data("resnet20", {}, (3, 8, 8), seed=1)
+    wide = gm.models.build("resnet20", width_multiplier=2, seed=0)
+    mlp = gm.models.build("mlp", seed=0)
+    loader = batches(x)
+    with pytest.raises(ValueError, match="at least 2 models"):
+        gm.merge([a], loader)
+    with pytest.raises(ValueError, match="model 1 is a MLP but model 0 is a ResNet20"):
+        gm.merge([a, mlp], loader)
+    with pytest.raises(
+        ValueError,
+        match=r"in model 1 but .* in model 0: merge models of the same architecture and width",
+    ):
+        gm.merge([a, wide], loader)
+    with pytest.raises(ValueError, match="no batches"):
+        gm.merge([a, b], [])
+    with pytest.raises(
+        ValueError, match=r"unknown matching function 'permut'.*Did you mean 'permute'"
+    ):
+        gm.merge([a, b], loader, method="permut", progress=False)
+    with pytest.raises(
+        ValueError, match=r"start_at=99 is out of range: this graph has 12 mergeable spaces"
+    ):
+        gm.merge([a, b], loader, start_at=99, progress=False)
+    with pytest.raises(ValueError, match="stop_at='conv9' is not a mergeable space"):
+        gm.merge([a, b], loader, stop_at="conv9", progress=False)
+    with pytest.raises(ValueError, match="output must be one of average, concat"):
+        gm.merge([a, b], loader, output="sum", progress=False)
+    with pytest.raises(ValueError, match="must yield input tensors or"):
+        gm.merge([a, b], [{"x": x}], progress=False)
+    broken = gm.models.build("resnet20", seed=1)
+    with torch.no_grad():
+        broken.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight of model 1 contains NaN"):
+        gm.merge([a, broken], loader)
+    merger = gm.Merger([a, b], example_input=x)
+    with pytest.raises(ValueError, match="call collect"):
+        merger.merge("permute")
