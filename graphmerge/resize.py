@@ -15,12 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from graphmerge.graphs.rules import BATCH_NORMS, CONVOLUTIONS
+from graphmerge.models import SPEC_ATTRIBUTE
 from graphmerge.models.layers import LayerNorm2d
 
 
 def resized_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
-    """A deep copy of ``template`` holding ``state`` (same keys, possibly new shapes)."""
+    """A deep copy of ``template`` holding ``state`` (same keys, possibly new shapes).
+
+    When a width changed, the copy no longer matches the architecture arguments that
+    ``graphmerge.models.build`` recorded, so that record is dropped (a checkpoint of it
+    would not rebuild).
+    """
     model = copy.deepcopy(template)
+    resized = False
     for path, module in model.named_modules(remove_duplicate=True):
         prefix = f"{path}." if path else ""
         before = {name: tuple(t.shape) for name, t in _tensors(module)}
@@ -36,6 +43,9 @@ def resized_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         after = {name: tuple(t.shape) for name, t in _tensors(module)}
         if before != after:
             _update_shape_attributes(module, path)
+            resized = True
+    if resized and hasattr(model, SPEC_ATTRIBUTE):
+        delattr(model, SPEC_ATTRIBUTE)
     return model
 
 

@@ -173,3 +173,19 @@ def test_bad_inputs_get_clear_errors():
     merger = gm.Merger([a, b], example_input=x)
     with pytest.raises(ValueError, match="call collect"):
         merger.merge("permute")
+
+
+def test_merged_models_save_and_reload_only_when_their_widths_are_buildable(tmp_path):
+    a, x = model_and_data("resnet20", {}, (3, 8, 8), seed=0)
+    b, _ = model_and_data("resnet20", {}, (3, 8, 8), seed=1)
+    merger = gm.Merger([a, b], example_input=x)
+    merger.collect(batches(x), progress=False)
+    merged = merger.merge("permute").model
+    gm.save_checkpoint(merged, tmp_path / "merged.pt")
+    reloaded = gm.load_checkpoint(tmp_path / "merged.pt").model
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), merged.eval()(x))
+    wide = merger.merge("permute", start_at=3).model  # some spaces at 2 * d
+    assert gm.models.spec_of(wide) is None and gm.models.spec_of(merged) is not None
+    with pytest.raises(ValueError, match="cannot tell how to rebuild this model"):
+        gm.save_checkpoint(wide, tmp_path / "wide.pt")

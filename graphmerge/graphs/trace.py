@@ -287,9 +287,10 @@ class _Walker:
         return self._unknown(node, f"unknown operation {name} at {node.name}")
 
     def _non_tensor(self, node: fx.Node) -> Value:
+        if node.meta.get("tensor_meta") is not None:  # several tensors (chunk, split, ...)
+            return self._unknown(node, f"{node.name} returns several tensors")
         values = [self._value(arg) for arg in node.all_input_nodes]
-        unknown = next((v for v in values if isinstance(v, Unknown)), None)
-        return unknown
+        return next((v for v in values if isinstance(v, Unknown)), None)  # sizes, shapes
 
     def _unknown(self, node: fx.Node, reason: str) -> Unknown:
         for arg in node.all_input_nodes:

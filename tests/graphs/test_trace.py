@@ -356,3 +356,24 @@ def test_modules_reachable_under_two_names_are_permuted_consistently():
 )
 def test_reshaped_axis(in_shape, out_shape, axis, expected):
     assert reshaped_axis(in_shape, out_shape, axis) == expected
+
+
+class Chunked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.left, self.right = (
+            nn.Conv2d(3, 8, 1),
+            nn.Conv2d(4, 2, 1),
+            nn.Conv2d(4, 2, 1),
+        )
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        return (self.left(a) + self.right(b)).mean((2, 3))
+
+
+def test_ops_returning_several_tensors_freeze_their_input():
+    graph, change = traced(Chunked(), 2, 3, 4, 4)
+    assert change < 1e-6
+    conv = graph.space("conv")
+    assert conv.frozen and "returns several tensors" in conv.reason
