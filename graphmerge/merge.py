@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from graphmerge import matching_functions
+from graphmerge.evaluation import evaluating, model_device
 from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
 from graphmerge.graphs import ModelGraph, Space, trace
 from graphmerge.resize import resized_copy
@@ -77,14 +78,13 @@ class Merger:
         example_input: Tensor | None = None,
     ) -> None:
         check_models(models)
+        device = model_device(models[0])
         if graph is None:
             if example_input is None:
                 raise ValueError("Merger needs a graph or an example_input to trace the models")
-            device = next(iter(models[0].state_dict().values())).device
             graph = trace(models[0], example_input[:EXAMPLE_BATCH].to(device))
         self.models = list(models)
         self.graph = graph
-        device = next(iter(models[0].state_dict().values())).device
         self.example_input = None if example_input is None else example_input.to(device)
         self.statistics: dict[str, SpaceStatistics] | None = None
 
@@ -222,8 +222,6 @@ def _checked(match: Match, space: Space, count: int, method: str) -> Match:
 
 
 def _check_runs(model: nn.Module, example: Tensor) -> None:
-    from graphmerge.evaluation import evaluating
-
     try:
         with evaluating(model), torch.no_grad():
             model(example)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
-from graphmerge.evaluation import evaluating
+from graphmerge.evaluation import evaluating, model_device
 from graphmerge.graphs import ModelGraph, NodeKind, Space
 
 STD_EPS = 1e-8
@@ -261,7 +261,7 @@ def collect_statistics(
     """
     spaces = list(graph.mergeable_spaces if spaces is None else spaces)
     readers = [FeatureReader(model, graph, spaces) for model in models]
-    device = _device(models[0])
+    device = model_device(models[0])
     stats = {s.name: SpaceStatistics.empty(len(models) * s.width, device) for s in spaces}
     seen = 0
     with torch.no_grad(), _all_evaluating(models):
@@ -314,8 +314,3 @@ def _all_evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
         for model in models:
             stack.enter_context(evaluating(model))
         yield
-
-
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.state_dict().values()), None)
-    return torch.device("cpu") if tensor is None else tensor.device
