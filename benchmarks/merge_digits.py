@@ -1,7 +1,7 @@
-"""Merging trained digit models: endpoints, ensemble, identity and permute at the midpoint.
+"""Merging trained digit models: endpoints, ensemble and every matching function.
 
 Usage:
-    python benchmarks/merge_digits.py [--quick] [--json merge_digits.json]
+    python benchmarks/merge_digits.py [--quick] [--only "resnet20 bn x4"] [--json out.json]
 
 Trains pairs of models on the bundled digits from different seeds (same task), and
 pairs trained on disjoint class halves (0-4 and 5-9, merged with joint logits,
@@ -25,9 +25,11 @@ PAIRS = [
     ("resnet20", {"norm": "ln", "width_multiplier": 1}),
     ("resnet20", {"norm": "bn", "width_multiplier": 1}),
     ("resnet20", {"norm": "bn", "width_multiplier": 4}),
+    ("resnet20", {"norm": "ln", "width_multiplier": 4}),
+    ("resnet20", {"norm": "none", "width_multiplier": 4}),
 ]
 DISJOINT = [PAIRS[0], PAIRS[1], PAIRS[3]]
-METHODS = ("identity", "permute")
+METHODS = ("identity", "permute", "zip", "cca", "weight_matching")
 
 
 def splits_for(architecture: str, classes: str | None = None) -> gm.data.DataSplits:
@@ -74,7 +76,7 @@ def row(setting: str, label: str, model: torch.nn.Module, test, seconds: float =
     }
 
 
-def same_task(architecture: str, kwargs: dict, epochs: int) -> list[dict]:
+def same_task(architecture: str, kwargs: dict, epochs: int, methods) -> list[dict]:
     data = splits_for(architecture)
     models = [trained(architecture, kwargs, data, seed, epochs) for seed in (0, 1)]
     setting = f"{label_of(architecture, kwargs)} same task"
@@ -83,7 +85,7 @@ def same_task(architecture: str, kwargs: dict, epochs: int) -> list[dict]:
     merger.collect(data.train, progress=False)
     ensemble = merger.merge("identity", stop_at=0).model
     rows.append(row(setting, "ensemble", ensemble, data.test))
-    for method in METHODS:
+    for method in methods:
         start = time.perf_counter()
         merged = merger.merge(method).model
         rows.append(row(setting, method, merged, data.test, time.perf_counter() - start))
@@ -91,7 +93,7 @@ def same_task(architecture: str, kwargs: dict, epochs: int) -> list[dict]:
     return rows
 
 
-def disjoint(architecture: str, kwargs: dict, epochs: int) -> list[dict]:
+def disjoint(architecture: str, kwargs: dict, epochs: int, methods) -> list[dict]:
     halves = [splits_for(architecture, "0-4"), splits_for(architecture, "5-9")]
     models = [trained(architecture, kwargs, d, seed, epochs) for seed, d in enumerate(halves)]
     full = splits_for(architecture)
@@ -100,7 +102,7 @@ def disjoint(architecture: str, kwargs: dict, epochs: int) -> list[dict]:
     merger.collect(full.train, progress=False)  # statistics on both tasks' data
     rows = [row(setting, "ensemble (joint logits)", merger.merge("identity", stop_at=0,
                 output="concat").model, full.test)]  # fmt: skip
-    for method in METHODS:
+    for method in methods:
         start = time.perf_counter()
         merged = merger.merge(method, output="concat").model
         rows.append(row(setting, method, merged, full.test, time.perf_counter() - start))
@@ -111,19 +113,26 @@ def disjoint(architecture: str, kwargs: dict, epochs: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 epochs, mlp and resnet20 ln x1")
+    parser.add_argument("--only", help="run the pairs whose label contains this text")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--skip-disjoint", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs = 3 if args.quick else 0
     pairs = PAIRS[:2] if args.quick else PAIRS
+    disjoint_pairs = [] if args.skip_disjoint else DISJOINT[:2] if args.quick else DISJOINT
+    if args.only:
+        pairs = [pair for pair in pairs if args.only in label_of(*pair)]
+        disjoint_pairs = [pair for pair in disjoint_pairs if args.only in label_of(*pair)]
     rows: list[dict] = []
     for architecture, kwargs in pairs:
-        new = same_task(architecture, kwargs, epochs)
+        new = same_task(architecture, kwargs, epochs, args.methods)
         print_rows(new)
         rows += new
-    for architecture, kwargs in DISJOINT[:2] if args.quick else DISJOINT:
-        new = disjoint(architecture, kwargs, epochs)
+    for architecture, kwargs in disjoint_pairs:
+        new = disjoint(architecture, kwargs, epochs, args.methods)
         print_rows(new)
         rows += new
     if args.json:

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import torch
 
 import graphmerge
 from graphmerge import data as gm_data
-from graphmerge import models, training
+from graphmerge import matching_functions, models, training
 from graphmerge._atomic import atomic_write
 from graphmerge.checkpoints import load_checkpoint, save_checkpoint
 from graphmerge.recipes import recipe_for
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_graph(commands)
     _add_models(commands)
+    _add_matchers(commands)
     return parser
 
 
@@ -240,6 +242,26 @@ def _add_models(commands: argparse._SubParsersAction) -> None:
 def run_models(args: argparse.Namespace) -> int:
     for name in models.available():
         print(name)
+    return 0
+
+
+def _add_matchers(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "matchers", help="list the matching functions with their papers and hyper-parameters"
+    )
+    parser.set_defaults(handler=run_matchers)
+
+
+def run_matchers(args: argparse.Namespace) -> int:
+    for name in matching_functions.available():
+        entry = matching_functions.entry(name)
+        hparams = ", ".join(
+            name if default is inspect.Parameter.empty else f"{name}={default!r}"
+            for name, default in entry.hyperparameters.items()
+        )
+        print(f"{name} ({entry.kind}): {entry.summary}")
+        print(f"    hyper-parameters: {hparams or 'none'}")
+        print(f"    paper: {entry.paper}")
     return 0
 
 

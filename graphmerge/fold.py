@@ -10,6 +10,7 @@ their axes as they are: the parameter is then averaged over the models.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,4 +141,30 @@ def fold_state_dicts(
     for key, first in state_dicts[0].items():
         axes = param_axes.get(aliases.get(key, key), ())
         merged[key] = fold_tensors([sd[key] for sd in state_dicts], axes, maps).to(first.dtype)
+    _keep_variances_positive(merged)
     return merged
+
+
+def _keep_variances_positive(state: dict[str, Tensor]) -> None:
+    """Clamp BatchNorm running variances that a map with negative entries made <= 0.
+
+    Maps that mix channels (cca) fold a variance as a signed sum, which can be
+    negative: it is raised to the smallest positive variance of the layer, with a
+    warning, rather than turned into NaN outputs.
+    """
+    clamped = []
+    for key, value in state.items():
+        if key.endswith("running_var") and value.is_floating_point() and (value <= 0).any():
+            positive = value[value > 0]
+            floor = positive.min() if positive.numel() else torch.ones((), dtype=value.dtype)
+            state[key] = torch.where(value > 0, value, floor)
+            clamped.append(f"{key} ({int((value <= 0).sum())})")
+    if clamped:
+        warnings.warn(
+            f"merging made BatchNorm running variances <= 0 (the merge matrices mix channels "
+            f"with negative weights): clamped in {', '.join(clamped[:3])}"
+            f"{' and more' if len(clamped) > 3 else ''}; recompute them with "
+            "gm.normalization.reset_bn(merged, loader)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -50,6 +50,8 @@ class MergeResult:
         merged: names of the spaces merged by the method; the other mergeable
             spaces are kept unmerged (width N*d) by start_at / stop_at.
         method, output: as requested; seconds: wall time of matching and fold.
+        details: what the method reports besides the matrices (weight matching:
+            ``objective`` per sweep and ``sweeps``).
     """
 
     model: nn.Module
@@ -58,6 +60,7 @@ class MergeResult:
     method: str
     output: str
     seconds: dict[str, float] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
 
 
 class Merger:
@@ -127,25 +130,36 @@ class Merger:
         ``self.spaces`` or by name. ``output="concat"`` gives joint logits over
         the models' label sets; ``"average"`` averages them.
         """
-        function = matching_functions.get(method)
+        entry = matching_functions.entry(method)
+        entry.check_hyperparameters(hparams)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         first, last = self._scope(start_at, stop_at)
         merged = [space.name for space in self.spaces[first:last]]
-        if merged and self.statistics is None:
+        if merged and entry.kind != "weights" and self.statistics is None:
             raise ValueError(
                 f"method {method!r} needs feature statistics: call collect(loader) first"
             )
         count = len(self.models)
         started = time.perf_counter()
+        details: dict[str, object] = {}
+        permutations: dict[str, list[Tensor]] = {}
+        if entry.kind == "weights" and merged:
+            states = [model.state_dict() for model in self.models]
+            found = entry.function(states, self.graph, spaces=merged, **hparams)
+            permutations = found.permutations
+            details = {"objective": found.objective, "sweeps": found.sweeps}
         matches: dict[str, Match] = {}
-        for space in self.spaces:
-            if space.name in merged:
-                merge, unmerge = function(self.statistics[space.name], count, **hparams)
-                matches[space.name] = _checked(Match(merge, unmerge), space, count, method)
-            else:
+        for position, space in enumerate(self.spaces):
+            if space.name not in merged:
                 eye = torch.eye(count * space.width, dtype=torch.float64)
                 matches[space.name] = Match(eye, eye)
+                continue
+            if entry.kind == "weights":
+                match = Match(*matching_functions.permutation_match(permutations[space.name]))
+            else:
+                match = self._match(entry, space, position, hparams)
+            matches[space.name] = _checked(match, space, count, method)
         matched = time.perf_counter()
         model = self._fold(matches, output)
         folded = time.perf_counter()
@@ -156,7 +170,22 @@ class Merger:
             method=method,
             output=output,
             seconds={"matching": matched - started, "fold": folded - matched},
+            details=details,
         )
+
+    def _match(
+        self,
+        entry: matching_functions.Entry,
+        space: Space,
+        position: int,
+        hparams: dict[str, object],
+    ) -> Match:
+        stats, count = self.statistics[space.name], len(self.models)
+        context = {"position": position} if entry.kind == "scope" else {}
+        try:
+            return Match(*entry.function(stats, count, **context, **hparams))
+        except ValueError as error:
+            raise ValueError(f"{entry.name} on space {space.name!r}: {error}") from error
 
     def _scope(self, start_at: int | str | None, stop_at: int | str | None) -> tuple[int, int]:
         first = 0 if start_at is None else self._position(start_at, "start_at")
@@ -281,6 +310,7 @@ def merge(
     max_batches: int | None = None,
     max_samples: int | None = None,
     progress: bool = True,
+    example_input: Tensor | None = None,
     **hparams: object,
 ) -> nn.Module:
     """Merge N >= 2 models of one architecture into one new model.
@@ -288,24 +318,33 @@ def merge(
     Traces the first model (or uses ``graph``), collects feature statistics on
     ``loader`` (input tensors or (input, target) pairs), matches every mergeable
     space with ``method`` (see ``gm.matching_functions.available()``) and folds.
+    ``method="weight_matching"`` needs no data: ``loader`` may be None, and then
+    the models are traced on ``example_input`` (a batch of inputs) or ``graph``.
 
     Example:
         >>> merged = gm.merge([model_a, model_b], data.train, method="permute")
         >>> ensemble = gm.merge([model_a, model_b], data.train, stop_at=0)  # nothing merged
+        >>> rebasin = gm.merge([model_a, model_b], None, "weight_matching", example_input=x)
+        >>> pfm = gm.merge([model_a, model_b], data.train, "preserve_first", inner="zip", k=3)
     """
     check_models(models)
+    needs_data = matching_functions.entry(method).kind != "weights"
     if loader is None:
-        raise ValueError(f"method {method!r} needs a data loader for its feature statistics")
+        if needs_data:
+            raise ValueError(f"method {method!r} needs a data loader for its feature statistics")
+        merger = Merger(models, graph=graph, example_input=example_input)
+        return merger.merge(method, start_at, stop_at, output, **hparams).model
     batches = iter(loader)
     first = next(batches, None)
     if first is None:
         raise ValueError("the loader yielded no batches: merging needs data for statistics")
-    example = batch_inputs(first)
+    example = batch_inputs(first) if example_input is None else example_input
     merger = Merger(models, graph=graph, example_input=example)
-    merger.collect(
-        itertools.chain([first], batches),
-        max_batches=max_batches,
-        max_samples=max_samples,
-        progress=progress,
-    )
+    if needs_data:
+        merger.collect(
+            itertools.chain([first], batches),
+            max_batches=max_batches,
+            max_samples=max_samples,
+            progress=progress,
+        )
     return merger.merge(method, start_at=start_at, stop_at=stop_at, output=output, **hparams).model

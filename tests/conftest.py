@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import graphmerge as gm
+from graphmerge.statistics import SpaceStatistics
 
 # graphmerge's reference models in every normalization (name, build kwargs, input shape)
 REFERENCE_MODELS = [
@@ -73,3 +74,30 @@ def calibrated(model: torch.nn.Module, inputs: torch.Tensor, seed: int = 0) -> t
 
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return ((reference - other).abs().max() / reference.abs().max()).item()
+
+
+def stats_of(*blocks: torch.Tensor) -> SpaceStatistics:
+    """Statistics of the concatenated feature blocks (samples x d_i each)."""
+    stats = SpaceStatistics.empty(sum(block.shape[1] for block in blocks))
+    stats.update(torch.cat(blocks, dim=1))
+    return stats
+
+
+def permuted_copies(
+    samples: int, width: int, num_models: int, noise: float = 0.05, seed: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Features of model 0 and noisy permuted copies, with each copy's permutation.
+
+    Copy i's unit perms[i][k] is model 0's unit k.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(samples, width, generator=generator, dtype=torch.float64)
+    base = base @ torch.randn(width, width, generator=generator, dtype=torch.float64) / width**0.5
+    perms = [torch.arange(width)]
+    perms += [torch.randperm(width, generator=generator) for _ in range(num_models - 1)]
+    blocks = []
+    for perm in perms:
+        copy = torch.empty_like(base)
+        copy[:, perm] = base
+        blocks.append(copy + noise * torch.randn(samples, width, generator=generator))
+    return blocks, perms

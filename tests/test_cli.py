@@ -118,6 +118,15 @@ def test_models_command_lists_architectures(capsys):
     assert "resnet20" in names and "torchvision:resnet50" in names
 
 
+def test_matchers_command_lists_functions_with_papers_and_defaults(capsys):
+    assert main(["matchers"]) == 0
+    out = capsys.readouterr().out
+    for name in ("identity", "permute", "zip", "cca", "weight_matching", "preserve_first"):
+        assert f"\n{name} (" in f"\n{out}", name
+    assert "alpha=0.3, beta=0.125" in out and "gamma=1.0" in out and "ZipIt!" in out
+    assert "weight_matching (weights)" in out and "seed=0, max_sweeps=100" in out
+
+
 def test_format_classes():
     assert format_classes((0, 1, 2, 3, 7, 9)) == "0-3,7,9"
     assert format_classes((5,)) == "5"

@@ -63,3 +63,16 @@ def test_state_dict_fold_follows_aliases():
         aliases={"b.weight": "a.weight"},
     )
     assert torch.equal(merged["a.weight"], w[perm]) and torch.equal(merged["b.weight"], w[perm])
+
+
+def test_negative_folded_running_variances_are_clamped_with_a_warning():
+    import pytest
+
+    variances = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]
+    mixing = torch.tensor([[1.0, -1.0], [0.5, 0.5]])  # a signed map, as cca gives
+    maps = {"h": SpaceMaps(write=[AxisMap(matrix=mixing)] * 2, read=[])}
+    axes = {"bn.running_var": [("h", ParamAxis("bn.running_var", 0, "out", 0, 2))]}
+    with pytest.warns(RuntimeWarning, match=r"bn\.running_var \(1\).*reset_bn"):
+        merged = fold_state_dicts([{"bn.running_var": v} for v in variances], axes, maps)
+    # row 0: (1 - 2) + (3 - 4) = -2 -> the smallest positive variance, row 1: 1.5 + 3.5
+    assert torch.equal(merged["bn.running_var"], torch.tensor([5.0, 5.0]))

@@ -46,6 +46,20 @@ def test_permute_merges_a_model_with_its_permuted_copy_exactly(name, kwargs, sha
         assert relative_error(reference, merged.eval()(x)) < 1e-4
 
 
+@pytest.mark.parametrize("method", ["zip", "cca", "weight_matching"])
+@pytest.mark.parametrize(("name", "kwargs", "shape"), [REFERENCE_MODELS[i] for i in (1, 5, 6)])
+def test_every_method_merges_a_model_with_its_permuted_copy_exactly(method, name, kwargs, shape):
+    model, x = model_and_data(name, kwargs, shape)
+    graph = trace(model, x[:8])
+    copy = graph.permute(graph.random_permutations(seed=3))
+    merger = gm.Merger([model, copy], graph=graph, example_input=x)
+    if method != "weight_matching":
+        merger.collect(batches(x), progress=False)
+    merged = merger.merge(method).model
+    with torch.no_grad():
+        assert relative_error(model(x), merged.eval()(x)) < 1e-4
+
+
 def test_identity_is_the_plain_state_dict_average():
     a, x = model_and_data("resnet20", {}, (3, 8, 8), seed=0)
     b, _ = model_and_data("resnet20", {}, (3, 8, 8), seed=1)
@@ -173,6 +187,11 @@ def test_bad_inputs_get_clear_errors():
     merger = gm.Merger([a, b], example_input=x)
     with pytest.raises(ValueError, match="call collect"):
         merger.merge("permute")
+    merger.collect(loader, progress=False)
+    with pytest.raises(ValueError, match=r"zip on space 'conv1': merged_width=100 is outside"):
+        merger.merge("zip", merged_width=100)
+    with pytest.raises(ValueError, match="'cca' has no hyper-parameter alpha; it accepts: gamma"):
+        merger.merge("cca", alpha=0.5)
 
 
 def test_merged_models_save_and_reload_only_when_their_widths_are_buildable(tmp_path):

@@ -1,27 +1,53 @@
-"""Matching functions: statistics in, (merge, unmerge) out, registered by name.
+"""Matching functions: how the units of N models correspond, registered by name.
+
+Features functions take statistics and return (merge, unmerge); weight matching
+takes state dicts and returns permutations. ``available()`` lists the names and
+``entry(name)`` their kind, paper and hyper-parameters.
 
 Example:
     >>> import graphmerge as gm
     >>> gm.matching_functions.available()
-    ['identity', 'permute']
-    >>> merge, unmerge = gm.matching_functions.get("permute")(stats, num_models=2)
+    ['cca', 'identity', 'permute', 'preserve_first', 'weight_matching', 'zip']
+    >>> merge, unmerge = gm.matching_functions.get("zip")(stats, num_models=2, alpha=0.5)
 """
 
 from graphmerge.matching_functions.basic import identity, permute
+from graphmerge.matching_functions.cca import cca
+from graphmerge.matching_functions.common import membership_match, permutation_match
+from graphmerge.matching_functions.preserve_first import preserve_first
 from graphmerge.matching_functions.registry import (
+    Entry,
     MatchingFunction,
     Statistics,
     available,
+    entry,
     get,
     register,
 )
+from graphmerge.matching_functions.weight_matching import (
+    WeightMatching,
+    merge_many,
+    weight_matching,
+)
+from graphmerge.matching_functions.zipit import greedy_clusters, zipit
 
 __all__ = [
+    "Entry",
     "MatchingFunction",
     "Statistics",
+    "WeightMatching",
     "available",
+    "cca",
+    "entry",
     "get",
+    "greedy_clusters",
     "identity",
+    "membership_match",
+    "merge_many",
+    "permutation_match",
     "permute",
+    "preserve_first",
     "register",
+    "weight_matching",
+    "zipit",
 ]

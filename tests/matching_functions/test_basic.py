@@ -2,16 +2,10 @@
 
 import pytest
 import torch
+from conftest import stats_of
 
 import graphmerge as gm
 from graphmerge.matching_functions import available, get, register, registry
-from graphmerge.statistics import SpaceStatistics
-
-
-def stats_of(*blocks):
-    stats = SpaceStatistics.empty(sum(b.shape[1] for b in blocks))
-    stats.update(torch.cat(blocks, dim=1))
-    return stats
 
 
 def test_identity_matrices():

@@ -1,0 +1,48 @@
+"""Preserve-first merging (PFM): a merge scope as a named matching function."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from graphmerge.matching_functions.common import feature_width
+from graphmerge.matching_functions.registry import Statistics, entry, register
+
+PAPER = (
+    "preserve-first merging (PFM): the first k spaces unmerged, the counterpart of ZipIt!'s "
+    "partial zipping (Stoica et al. 2024)"
+)
+
+
+@register("preserve_first", kind="scope", paper=PAPER)
+def preserve_first(
+    stats: Statistics,
+    num_models: int,
+    position: int,
+    k: int = 1,
+    inner: str = "zip",
+    **inner_hparams: object,
+) -> tuple[Tensor, Tensor]:
+    """Keep the first k mergeable spaces side by side; merge the rest with ``inner``.
+
+    Space at ``position`` < k: M = U = I (N*d, width N*d); else ``inner``'s matching.
+    Identical to ``merge(method=inner, start_at=k)``.
+
+    Args:
+        k: >= 0, how many spaces (in topological order) stay unmerged (default 1).
+        inner: a features matching function, e.g. "zip", "permute", "cca", "identity".
+        **inner_hparams: passed on to ``inner``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"preserve_first needs an integer k >= 0, got {k!r}")
+    wrapped = entry(inner)
+    if wrapped.kind != "features":
+        raise ValueError(
+            f"preserve_first wraps a features matching function, not {inner!r} ({wrapped.kind}); "
+            f"use merge(method={inner!r}, start_at={k}) instead"
+        )
+    wrapped.check_hyperparameters(inner_hparams)
+    if position < k:
+        eye = torch.eye(num_models * feature_width(stats, num_models), dtype=torch.float64)
+        return eye, eye
+    return wrapped.function(stats, num_models, **inner_hparams)

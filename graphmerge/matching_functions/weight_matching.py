@@ -1,0 +1,213 @@
+"""Weight matching (Git Re-Basin): permutations that align the weights themselves.
+
+The permutation groups are the graph's mergeable spaces; every (parameter, axis)
+block of a space contributes to its cost, biases and BN buffers included (as
+outer products), so no hand-written permutation spec is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from graphmerge.fold import AxisMap, SpaceMaps, fold_tensors
+from graphmerge.graphs import ModelGraph
+from graphmerge.graphs.spaces import ParamAxis
+from graphmerge.matching_functions.registry import register
+
+PAPER = (
+    "Ainsworth et al. 2023, Git Re-Basin: Merging Models modulo Permutation Symmetries, ICLR "
+    "(weight matching; MergeMany for N > 2)"
+)
+State = Mapping[str, Tensor]
+Permutations = dict[str, Tensor]
+
+
+@dataclass
+class WeightMatching:
+    """Permutations per space and model, and the objective after each sweep or round.
+
+    ``permutations[space][i][k]`` is the unit of model i that becomes merged unit k.
+    ``objective`` is sum over parameters of <W_0, P(W_1)> after each sweep (N = 2),
+    or sum over models of <mean of the others, P(W_i)> after each round (N > 2).
+    """
+
+    permutations: dict[str, list[Tensor]]
+    objective: list[float] = field(default_factory=list)
+    sweeps: int = 0
+
+
+@register("weight_matching", kind="weights", paper=PAPER)
+def weight_matching(
+    states: Sequence[State],
+    graph: ModelGraph,
+    spaces: Sequence[str] | None = None,
+    seed: int = 0,
+    max_sweeps: int = 100,
+) -> WeightMatching:
+    """Permute models 1.. onto model 0 by coordinate descent on sum_params <W_0, P(W_i)>.
+
+    For a space p, cost[j, k] = sum over its blocks of W_0[j] . P_{-p}(W_i)[k] (every other
+    space's permutation applied); solve the assignment, keep it if the objective grows.
+    Spaces are visited in a seeded random order until a sweep changes nothing. N > 2:
+    ``merge_many``.
+
+    Args:
+        spaces: names of the spaces to permute (default: every mergeable space).
+        seed: the seed of the visiting order.
+        max_sweeps: the most sweeps over all spaces (or rounds of MergeMany).
+    """
+    problem = _Problem(graph, spaces)
+    _check(states, max_sweeps)
+    if len(states) > 2:
+        return merge_many(states, graph, spaces, seed=seed, max_rounds=max_sweeps)
+    tensors = [problem.tensors(state) for state in states]
+    generator = torch.Generator().manual_seed(seed)
+    permutations, objective, sweeps = problem.align(tensors[0], tensors[1], generator, max_sweeps)
+    return WeightMatching(problem.per_model([problem.identity(), permutations]), objective, sweeps)
+
+
+def merge_many(
+    states: Sequence[State],
+    graph: ModelGraph,
+    spaces: Sequence[str] | None = None,
+    seed: int = 0,
+    max_rounds: int = 100,
+) -> WeightMatching:
+    """MergeMany: align each model in turn to the mean of the others until none changes.
+
+    Rounds visit the models in a seeded random order; each alignment is a weight
+    matching of model i onto mean_{j != i} P_j(W_j), started from its current
+    permutations.
+    """
+    problem = _Problem(graph, spaces)
+    _check(states, max_rounds)
+    tensors = [problem.tensors(state) for state in states]
+    generator = torch.Generator().manual_seed(seed)
+    permutations = [problem.identity() for _ in states]
+    objective: list[float] = []
+    for round_ in range(1, max_rounds + 1):
+        changed = False
+        for model in torch.randperm(len(states), generator=generator).tolist():
+            others = [problem.permuted(tensors[j], permutations[j]) for j in range(len(states))]
+            target = {
+                name: sum(others[j][name] for j in range(len(states)) if j != model)
+                / (len(states) - 1)
+                for name in tensors[model]
+            }
+            found, _, _ = problem.align(
+                target, tensors[model], generator, max_rounds, start=permutations[model]
+            )
+            changed |= any(not torch.equal(found[s], permutations[model][s]) for s in found)
+            permutations[model] = found
+        permuted = [problem.permuted(tensors[j], permutations[j]) for j in range(len(states))]
+        summed = {name: sum(p[name] for p in permuted) for name in tensors[0]}
+        objective.append(
+            sum(float(((summed[n] - p[n]) * p[n]).sum()) for p in permuted for n in summed)
+            / (len(states) - 1)
+        )
+        if not changed:
+            return WeightMatching(problem.per_model(permutations), objective, round_)
+    return WeightMatching(problem.per_model(permutations), objective, max_rounds)
+
+
+def _check(states: Sequence[State], max_sweeps: int) -> None:
+    if len(states) < 2:
+        raise ValueError("weight matching needs the state dicts of at least 2 models")
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
+        raise ValueError(f"max_sweeps must be a positive integer, got {max_sweeps!r}")
+
+
+class _Problem:
+    """The permutation groups of a graph and the parameter blocks each one touches."""
+
+    def __init__(self, graph: ModelGraph, spaces: Sequence[str] | None) -> None:
+        mergeable = {space.name: space for space in graph.mergeable_spaces}
+        names = list(mergeable) if spaces is None else list(spaces)
+        unknown = [name for name in names if name not in mergeable]
+        if unknown:
+            raise ValueError(
+                f"weight matching cannot permute {unknown}: not mergeable spaces of this graph"
+            )
+        self.widths = {name: mergeable[name].width for name in names}
+        self.blocks: dict[str, list[ParamAxis]] = {
+            name: list(mergeable[name].param_axes) for name in names
+        }
+        params = {block.param for blocks in self.blocks.values() for block in blocks}
+        self.param_axes = {param: graph.param_axes[param] for param in params}
+
+    def identity(self) -> Permutations:
+        return {name: torch.arange(width) for name, width in self.widths.items()}
+
+    def tensors(self, state: State) -> dict[str, Tensor]:
+        missing = sorted(set(self.param_axes) - set(state))
+        if missing:
+            raise ValueError(f"the state dict lacks parameters of the graph: {missing[:3]}")
+        return {param: state[param].detach().cpu().double() for param in self.param_axes}
+
+    def permuted(
+        self, tensors: Mapping[str, Tensor], permutations: Permutations, skip: str | None = None
+    ) -> dict[str, Tensor]:
+        """``tensors`` with every space's permutation applied (but ``skip``'s)."""
+        maps = {}
+        for name, index in permutations.items():
+            if name != skip:
+                axis_map = AxisMap.permutation(index)
+                maps[name] = SpaceMaps(write=[axis_map], read=[axis_map])
+        return {
+            param: fold_tensors([tensor], self.param_axes[param], maps)
+            for param, tensor in tensors.items()
+        }
+
+    def cost(self, target: Mapping[str, Tensor], other: Mapping[str, Tensor], space: str) -> Tensor:
+        """cost[j, k] = sum over the space's blocks of target row j . other row k."""
+        width = self.widths[space]
+        total = torch.zeros(width, width, dtype=torch.float64)
+        for block in self.blocks[space]:
+            total += _rows(target[block.param], block) @ _rows(other[block.param], block).T
+        return total
+
+    def align(
+        self,
+        target: Mapping[str, Tensor],
+        other: Mapping[str, Tensor],
+        generator: torch.Generator,
+        max_sweeps: int,
+        start: Permutations | None = None,
+    ) -> tuple[Permutations, list[float], int]:
+        """Coordinate descent of ``other``'s permutations onto ``target``."""
+        permutations = dict(start) if start is not None else self.identity()
+        names = list(self.widths)
+        objective = []
+        for sweep in range(1, max_sweeps + 1):
+            improved = False
+            for position in torch.randperm(len(names), generator=generator).tolist():
+                space = names[position]
+                cost = self.cost(target, self.permuted(other, permutations, skip=space), space)
+                rows, columns = linear_sum_assignment(cost.numpy(), maximize=True)
+                found = torch.as_tensor(columns)[torch.as_tensor(rows).argsort()]
+                units = torch.arange(cost.shape[0])
+                new, old = cost[units, found].sum(), cost[units, permutations[space]].sum()
+                if new > old + 1e-12 * max(1.0, abs(float(old))):
+                    permutations[space] = found
+                    improved = True
+            permuted = self.permuted(other, permutations)
+            objective.append(sum(float((target[p] * permuted[p]).sum()) for p in permuted))
+            if not improved:
+                return permutations, objective, sweep
+        return permutations, objective, max_sweeps
+
+    def per_model(self, permutations: Sequence[Permutations]) -> dict[str, list[Tensor]]:
+        return {name: [perm[name] for perm in permutations] for name in self.widths}
+
+
+def _rows(tensor: Tensor, block: ParamAxis) -> Tensor:
+    """The block's channels as rows: (width, everything else), repeats kept with their channel."""
+    part = tensor.narrow(block.axis, block.offset, block.width * block.repeat)
+    shape = part.shape
+    part = part.reshape(*shape[: block.axis], block.width, block.repeat, *shape[block.axis + 1 :])
+    return part.movedim(block.axis, 0).reshape(block.width, -1)
