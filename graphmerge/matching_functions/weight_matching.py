@@ -187,7 +187,8 @@ class _Problem:
             improved = False
             for position in torch.randperm(len(names), generator=generator).tolist():
                 space = names[position]
-                cost = self.cost(target, self.permuted(other, permutations, skip=space), space)
+                touching = {block.param: other[block.param] for block in self.blocks[space]}
+                cost = self.cost(target, self.permuted(touching, permutations, skip=space), space)
                 rows, columns = linear_sum_assignment(cost.numpy(), maximize=True)
                 found = torch.as_tensor(columns)[torch.as_tensor(rows).argsort()]
                 units = torch.arange(cost.shape[0])
