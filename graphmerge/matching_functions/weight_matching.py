@@ -61,10 +61,10 @@ def weight_matching(
         seed: the seed of the visiting order.
         max_sweeps: the most sweeps over all spaces (or rounds of MergeMany).
     """
-    problem = _Problem(graph, spaces)
     _check(states, max_sweeps)
     if len(states) > 2:
         return merge_many(states, graph, spaces, seed=seed, max_rounds=max_sweeps)
+    problem = _Problem(graph, spaces)
     tensors = [problem.tensors(state) for state in states]
     generator = torch.Generator().manual_seed(seed)
     permutations, objective, sweeps = problem.align(tensors[0], tensors[1], generator, max_sweeps)
@@ -89,26 +89,26 @@ def merge_many(
     tensors = [problem.tensors(state) for state in states]
     generator = torch.Generator().manual_seed(seed)
     permutations = [problem.identity() for _ in states]
+    permuted = list(tensors)  # each model with its current permutations applied
+    others = len(states) - 1
     objective: list[float] = []
     for round_ in range(1, max_rounds + 1):
         changed = False
         for model in torch.randperm(len(states), generator=generator).tolist():
-            others = [problem.permuted(tensors[j], permutations[j]) for j in range(len(states))]
             target = {
-                name: sum(others[j][name] for j in range(len(states)) if j != model)
-                / (len(states) - 1)
+                name: sum(p[name] for j, p in enumerate(permuted) if j != model) / others
                 for name in tensors[model]
             }
             found, _, _ = problem.align(
                 target, tensors[model], generator, max_rounds, start=permutations[model]
             )
-            changed |= any(not torch.equal(found[s], permutations[model][s]) for s in found)
-            permutations[model] = found
-        permuted = [problem.permuted(tensors[j], permutations[j]) for j in range(len(states))]
+            if any(not torch.equal(found[s], permutations[model][s]) for s in found):
+                changed = True
+                permutations[model] = found
+                permuted[model] = problem.permuted(tensors[model], found)
         summed = {name: sum(p[name] for p in permuted) for name in tensors[0]}
         objective.append(
-            sum(float(((summed[n] - p[n]) * p[n]).sum()) for p in permuted for n in summed)
-            / (len(states) - 1)
+            sum(float(((summed[n] - p[n]) * p[n]).sum()) for p in permuted for n in summed) / others
         )
         if not changed:
             return WeightMatching(problem.per_model(permutations), objective, round_)
