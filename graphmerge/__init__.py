@@ -23,7 +23,7 @@ from graphmerge import (
     training,
 )
 from graphmerge.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from graphmerge.merge import Match, Merger, MergeResult, merge
+from graphmerge.merge import Match, Merger, MergeResult, interpolate, merge
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "data",
     "evaluation",
     "graphs",
+    "interpolate",
     "load_checkpoint",
     "matching_functions",
     "merge",

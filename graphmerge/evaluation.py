@@ -11,7 +11,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import copy
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +39,18 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, also when it holds derived tensors (torch.nn.utils.prune
+    keeps ``weight = weight_orig * weight_mask`` as a plain attribute, which deepcopy
+    refuses while it is part of an autograd graph); those are copied detached."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def labelled_batches(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (inputs, targets) from a loader of (inputs, targets, ...) tuples; explain others."""
     for batch in loader:
@@ -49,7 +62,7 @@ def labelled_batches(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
         yield batch[0], batch[1]
 
 
-def run_model(model: nn.Module, inputs: Tensor) -> Tensor:
+def run_model(model: Callable[[Tensor], Any], inputs: Tensor) -> Any:
     """``model(inputs)``, with an error that names the input shape when the model rejects it."""
     try:
         return model(inputs)

@@ -75,12 +75,14 @@ def fold_tensors(
     tensors: Sequence[Tensor],
     param_axes: Sequence[tuple[str, ParamAxis]],
     maps: Mapping[str, SpaceMaps],
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Fold one parameter of N models: sum_i (maps applied to tensor i), averaged if unmerged.
 
     ``param_axes`` lists (space name, ParamAxis) blocks of this parameter. The
-    sum is divided by N unless an axis that writes a mapped space carries the
-    weighting itself (merge matrices already average).
+    sum is divided by N (or weighted by ``weights``, one per model) unless an axis
+    that writes a mapped space carries the weighting itself (merge matrices already
+    average).
     """
     if not tensors[0].is_floating_point():
         return tensors[0].clone()  # counters such as num_batches_tracked
@@ -94,8 +96,10 @@ def fold_tensors(
         folded = tensor.detach()
         for axis, blocks in sorted(by_axis.items()):
             folded = _fold_axis(folded, axis, blocks, maps, model)
+        if not weighted and weights is not None:
+            folded = folded * weights[model].item()
         total = folded if total is None else total + folded
-    return total if weighted else total / len(tensors)
+    return total if weighted or weights is not None else total / len(tensors)
 
 
 def _fold_axis(
@@ -129,18 +133,21 @@ def fold_state_dicts(
     param_axes: Mapping[str, Sequence[tuple[str, ParamAxis]]],
     maps: Mapping[str, SpaceMaps],
     aliases: Mapping[str, str] | None = None,
+    weights: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Fold every entry of N state dicts (same keys) into one merged state dict.
 
     ``param_axes`` maps parameter names to their (space, ParamAxis) blocks;
     ``aliases`` maps a state-dict key to the name its tensor is known by in the
-    graph (a module reached by two paths).
+    graph (a module reached by two paths); ``weights`` (one per model, summing to 1)
+    replace the plain average of parameters no merge matrix weights.
     """
     aliases = aliases or {}
     merged: dict[str, Tensor] = {}
     for key, first in state_dicts[0].items():
         axes = param_axes.get(aliases.get(key, key), ())
-        merged[key] = fold_tensors([sd[key] for sd in state_dicts], axes, maps).to(first.dtype)
+        tensors = [sd[key] for sd in state_dicts]
+        merged[key] = fold_tensors(tensors, axes, maps, weights).to(first.dtype)
     _keep_variances_positive(merged)
     return merged
 

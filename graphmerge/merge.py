@@ -16,12 +16,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from graphmerge import matching_functions
+from graphmerge import matching_functions, normalization
 from graphmerge.evaluation import evaluating, model_device
 from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
 from graphmerge.graphs import ModelGraph, Space, trace
 from graphmerge.resize import resized_copy
 from graphmerge.statistics import SpaceStatistics, batch_inputs, collect_statistics
+from graphmerge.weighting import model_weights, reweighted
 
 Output = Literal["average", "concat"]
 OUTPUTS = ("average", "concat")
@@ -49,9 +50,16 @@ class MergeResult:
         matches: the Match of every mergeable space, merged or kept side by side.
         merged: names of the spaces merged by the method; the other mergeable
             spaces are kept unmerged (width N*d) by start_at / stop_at.
-        method, output: as requested; seconds: wall time of matching and fold.
+        method, output: as requested; seconds: wall time of matching, fold and
+            normalization.
         details: what the method reports besides the matrices (weight matching:
-            ``objective`` per sweep and ``sweeps``).
+            ``objective`` per sweep and ``sweeps``), and ``normalization``: the
+            ``Renormalized`` report of REPAIR / RESCALE.
+        graph: the models' graph (what ``gm.normalization.repair`` needs).
+        weights: the models' weights (None: 1/N each); ``matches`` hold the method's
+            own matrices, folded as ``gm.weighting.reweighted(merge, weights)``.
+        normalize: the normalization applied to ``model`` (None, "reset", "repair",
+            "rescale").
     """
 
     model: nn.Module
@@ -61,6 +69,9 @@ class MergeResult:
     output: str
     seconds: dict[str, float] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
+    graph: ModelGraph | None = None
+    weights: Tensor | None = None
+    normalize: str | None = None
 
 
 class Merger:
@@ -79,6 +90,7 @@ class Merger:
         models: Sequence[nn.Module],
         graph: ModelGraph | None = None,
         example_input: Tensor | None = None,
+        progress: bool = True,
     ) -> None:
         check_models(models)
         device = model_device(models[0])
@@ -90,6 +102,7 @@ class Merger:
         self.graph = graph
         self.example_input = None if example_input is None else example_input.to(device)
         self.statistics: dict[str, SpaceStatistics] | None = None
+        self.progress = progress
 
     @property
     def spaces(self) -> list[Space]:
@@ -101,7 +114,7 @@ class Merger:
         loader: Iterable,
         max_batches: int | None = None,
         max_samples: int | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> dict[str, SpaceStatistics]:
         """One pass over ``loader``: feature statistics of every mergeable space."""
         self.statistics = collect_statistics(
@@ -110,7 +123,7 @@ class Merger:
             loader,
             max_batches=max_batches,
             max_samples=max_samples,
-            progress=progress,
+            progress=self.progress if progress is None else progress,
         )
         return self.statistics
 
@@ -120,6 +133,9 @@ class Merger:
         start_at: int | str | None = None,
         stop_at: int | str | None = None,
         output: Output = "average",
+        weights: float | Sequence[float] | None = None,
+        normalize: str | None = None,
+        loader: Iterable | None = None,
         **hparams: object,
     ) -> MergeResult:
         """Match the spaces in [start_at, stop_at) with ``method``; keep the others unmerged.
@@ -128,12 +144,18 @@ class Merger:
         preserve-first merging); ``stop_at=k`` keeps spaces k.. side by side
         (partial zipping, per-model heads). Spaces are given by index into
         ``self.spaces`` or by name. ``output="concat"`` gives joint logits over
-        the models' label sets; ``"average"`` averages them.
+        the models' label sets; ``"average"`` averages them. ``weights`` (one per
+        model, or alpha for two: weights 1 - alpha, alpha) replace the plain average:
+        with ``permute``, alpha in [0, 1] walks the aligned interpolation path.
+        ``normalize`` ("reset", "repair", "rescale") repairs the merged model's
+        statistics on ``loader`` (see ``gm.normalization``).
         """
         entry = matching_functions.entry(method)
         entry.check_hyperparameters(hparams)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        _check_normalize(normalize, loader)
+        weight = None if weights is None else model_weights(weights, len(self.models))
         first, last = self._scope(start_at, stop_at)
         merged = [space.name for space in self.spaces[first:last]]
         if merged and entry.kind != "weights" and self.statistics is None:
@@ -161,9 +183,9 @@ class Merger:
                 match = self._match(entry, space, position, hparams)
             matches[space.name] = _checked(match, space, count, method)
         matched = time.perf_counter()
-        model = self._fold(matches, output)
+        model = self._fold(matches, output, weight)
         folded = time.perf_counter()
-        return MergeResult(
+        result = MergeResult(
             model=model,
             matches=matches,
             merged=merged,
@@ -171,7 +193,26 @@ class Merger:
             output=output,
             seconds={"matching": matched - started, "fold": folded - matched},
             details=details,
+            graph=self.graph,
+            weights=weight,
         )
+        if normalize is not None:
+            self._normalize(result, normalize, loader)
+            result.seconds["normalize"] = time.perf_counter() - folded
+        return result
+
+    def _normalize(self, result: MergeResult, normalize: str, loader: Iterable) -> None:
+        """Replace ``result.model`` by its normalized copy (RESET, REPAIR or RESCALE)."""
+        if normalize == "reset":
+            result.model = normalization.reset_bn(result.model, loader)
+        else:
+            report = normalization.renormalize(
+                result.model, self.models, loader, self.graph, result.matches,
+                weights=result.weights, mode=normalize, progress=self.progress,
+            )  # fmt: skip
+            result.model = report.model
+            result.details["normalization"] = report
+        result.normalize = normalize
 
     def _match(
         self,
@@ -208,15 +249,24 @@ class Merger:
             )
         return key
 
-    def _fold(self, matches: dict[str, Match], output: Output) -> nn.Module:
+    def _fold(
+        self, matches: dict[str, Match], output: Output, weights: Tensor | None = None
+    ) -> nn.Module:
         count = len(self.models)
+        if weights is not None:
+            matches = {
+                name: Match(reweighted(match.merge, weights), match.unmerge)
+                for name, match in matches.items()
+            }
         maps = {name: _space_maps(match, count) for name, match in matches.items()}
         if output == "concat":
             classes = self.graph.spaces[-1].width
             placement = torch.eye(count * classes, dtype=torch.float64)
             maps[self.graph.spaces[-1].name] = _space_maps(Match(placement, placement), count)
         states = [model.state_dict() for model in self.models]
-        state = fold_state_dicts(states, self.graph.param_axes, maps, self.graph.aliases)
+        state = fold_state_dicts(
+            states, self.graph.param_axes, maps, self.graph.aliases, weights=weights
+        )
         merged = resized_copy(self.models[0], state)
         if self.example_input is not None:
             _check_runs(merged, self.example_input[:EXAMPLE_BATCH])
@@ -248,6 +298,18 @@ def _checked(match: Match, space: Space, count: int, method: str) -> Match:
     if not (torch.isfinite(merge).all() and torch.isfinite(unmerge).all()):
         raise FloatingPointError(f"{method} returned NaN or Inf for space {space.name!r}")
     return Match(merge.detach().cpu().double(), unmerge.detach().cpu().double())
+
+
+def _check_normalize(normalize: str | None, loader: Iterable | None) -> None:
+    if normalize is None:
+        return
+    if normalize not in normalization.NORMALIZATIONS:
+        raise ValueError(
+            f"unknown normalization {normalize!r}: choose one of "
+            f"{', '.join(normalization.NORMALIZATIONS)} (or None)"
+        )
+    if loader is None:
+        raise ValueError(f"normalize={normalize!r} needs data: pass loader=")
 
 
 def _check_runs(model: nn.Module, example: Tensor) -> None:
@@ -311,6 +373,8 @@ def merge(
     max_samples: int | None = None,
     progress: bool = True,
     example_input: Tensor | None = None,
+    normalize: str | None = None,
+    weights: float | Sequence[float] | None = None,
     **hparams: object,
 ) -> nn.Module:
     """Merge N >= 2 models of one architecture into one new model.
@@ -320,31 +384,64 @@ def merge(
     space with ``method`` (see ``gm.matching_functions.available()``) and folds.
     ``method="weight_matching"`` needs no data: ``loader`` may be None, and then
     the models are traced on ``example_input`` (a batch of inputs) or ``graph``.
+    ``normalize`` ("reset", "repair" or "rescale") repairs the merged model's
+    statistics on the same loader (which must then be re-iterable: a DataLoader or
+    a list); ``weights`` (one per model, or alpha for two) replace the plain average.
 
     Example:
         >>> merged = gm.merge([model_a, model_b], data.train, method="permute")
+        >>> repaired = gm.merge([model_a, model_b], data.train, "permute", normalize="repair")
         >>> ensemble = gm.merge([model_a, model_b], data.train, stop_at=0)  # nothing merged
         >>> rebasin = gm.merge([model_a, model_b], None, "weight_matching", example_input=x)
         >>> pfm = gm.merge([model_a, model_b], data.train, "preserve_first", inner="zip", k=3)
     """
     check_models(models)
+    _check_normalize(normalize, loader)
+    if normalize is not None and iter(loader) is loader:
+        raise ValueError(
+            f"normalize={normalize!r} passes over the data again after the statistics: "
+            "give a DataLoader or a list of batches, not a one-shot iterator"
+        )
+    options = {"output": output, "weights": weights, "normalize": normalize, "loader": loader}
     needs_data = matching_functions.entry(method).kind != "weights"
     if loader is None:
         if needs_data:
             raise ValueError(f"method {method!r} needs a data loader for its feature statistics")
-        merger = Merger(models, graph=graph, example_input=example_input)
-        return merger.merge(method, start_at, stop_at, output, **hparams).model
+        merger = Merger(models, graph=graph, example_input=example_input, progress=progress)
+        return merger.merge(method, start_at, stop_at, **options, **hparams).model
     batches = iter(loader)
     first = next(batches, None)
     if first is None:
         raise ValueError("the loader yielded no batches: merging needs data for statistics")
     example = batch_inputs(first) if example_input is None else example_input
-    merger = Merger(models, graph=graph, example_input=example)
+    merger = Merger(models, graph=graph, example_input=example, progress=progress)
     if needs_data:
         merger.collect(
             itertools.chain([first], batches),
             max_batches=max_batches,
             max_samples=max_samples,
-            progress=progress,
         )
-    return merger.merge(method, start_at=start_at, stop_at=stop_at, output=output, **hparams).model
+    return merger.merge(method, start_at=start_at, stop_at=stop_at, **options, **hparams).model
+
+
+def interpolate(
+    models: Sequence[nn.Module],
+    alpha: float | Sequence[float],
+    loader: Iterable | None = None,
+    method: str = "identity",
+    normalize: str | None = None,
+    **options: object,
+) -> nn.Module:
+    """The model at interpolation weights ``alpha`` between ``models``, aligned by ``method``.
+
+    For two models alpha in [0, 1] gives weights (1 - alpha, alpha); for N, give N
+    weights summing to 1. ``method="identity"`` interpolates the weights as they are
+    (models already aligned); ``"permute"`` first aligns the models on ``loader``.
+    ``normalize`` ("reset", "repair", "rescale") repairs the interpolated model, REPAIR
+    toward the alpha-weighted statistics of the endpoints. For a whole curve, collect
+    the statistics once with ``Merger`` and call ``merger.merge(method, weights=alpha)``.
+
+    Example:
+        >>> middle = gm.interpolate([a, b_aligned], 0.5, data.train, normalize="repair")
+    """
+    return merge(models, loader, method, normalize=normalize, weights=alpha, **options)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
-from graphmerge.evaluation import evaluating, model_device
+from graphmerge.evaluation import evaluating, model_device, run_model
 from graphmerge.graphs import ModelGraph, NodeKind, Space
 
 STD_EPS = 1e-8
@@ -113,6 +113,48 @@ class SpaceStatistics:
         return SpaceStatistics(self.count, self.total.to(device), self.outer.to(device))
 
 
+@dataclass
+class ChannelMoments:
+    """Streaming per-channel mean and variance (float64; Chan et al.'s parallel update).
+
+    ``count`` samples per channel, ``mean`` and ``m2`` (sum of squared deviations).
+    """
+
+    count: int
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def empty(cls, width: int, device: torch.device | str = "cpu") -> ChannelMoments:
+        zeros = torch.zeros(width, dtype=torch.float64, device=device)
+        return cls(0, zeros, zeros.clone())
+
+    def update(self, rows: Tensor) -> None:
+        """Add samples given channel-major (channels x samples)."""
+        samples = rows.shape[1]
+        if samples == 0:
+            return
+        variance, mean = torch.var_mean(rows.double(), dim=1, correction=0)
+        total = self.count + samples
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (samples / total)
+        self.m2 = self.m2 + variance * samples + delta.square() * (self.count * samples / total)
+        self.count = total
+
+    @property
+    def variance(self) -> Tensor:
+        return self.m2 / self.count
+
+    @property
+    def std(self) -> Tensor:
+        """Population standard deviation per channel (not clamped: 0 for a constant unit)."""
+        return self.variance.clamp_min(0).sqrt()
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.mean).all() and torch.isfinite(self.m2).all())
+
+
 def batch_inputs(batch: object) -> Tensor:
     """The input tensor of a batch: a tensor, or the first item of an (input, target) pair."""
     if isinstance(batch, Tensor):
@@ -125,52 +167,73 @@ def batch_inputs(batch: object) -> Tensor:
     )
 
 
-class FeatureReader:
-    """Runs a model and returns the features (samples x d) at the merge points of ``spaces``."""
+@dataclass(frozen=True)
+class ReadPoint:
+    """Where features are read: graph ``node`` with ``width`` channels, stored as ``name``."""
 
-    def __init__(self, model: nn.Module, graph: ModelGraph, spaces: Sequence[Space]) -> None:
+    name: str
+    node: str
+    width: int
+
+
+def merge_points(spaces: Sequence[Space]) -> list[ReadPoint]:
+    """The merge point of each space, named after the space."""
+    return [ReadPoint(space.name, space.merge_point, space.width) for space in spaces]
+
+
+class FeatureReader:
+    """Runs a model and returns the features (channels x samples) at ``points`` of its graph.
+
+    ``points`` are ReadPoints or spaces (read at their merge points). The graph may
+    be another model's of the same architecture (a merged model's widths differ;
+    the points then carry the merged widths).
+    """
+
+    def __init__(
+        self, model: nn.Module, graph: ModelGraph, points: Sequence[ReadPoint | Space]
+    ) -> None:
         self.model = model
-        self.spaces = list(spaces)
+        self.points = [p if isinstance(p, ReadPoint) else merge_points([p])[0] for p in points]
         if graph.module is not None:
-            self._run = self._fx_reader(model, graph, spaces)
+            self._run = self._fx_reader(model, graph, self.points)
         else:
-            self._run = self._hook_reader(model, graph, spaces)
+            self._run = self._hook_reader(model, graph, self.points)
 
     def __call__(self, inputs: Tensor) -> dict[str, Tensor]:
-        """Features of every space, channel-major: (d x samples), freshly allocated."""
-        values = self._run(inputs)
-        for space in self.spaces:
-            if values[space.name].shape[0] != space.width:
+        """Features of every point, channel-major: (width x samples), freshly allocated."""
+        values = run_model(self._run, inputs)
+        for point in self.points:
+            if values[point.name].shape[0] != point.width:
                 raise ValueError(
-                    f"features of space {space.name!r} have {values[space.name].shape[0]} "
-                    f"channels, expected {space.width}"
+                    f"features at {point.name!r} have {values[point.name].shape[0]} "
+                    f"channels, expected {point.width}"
                 )
         return values
 
     @staticmethod
-    def _fx_reader(model: nn.Module, graph: ModelGraph, spaces: Sequence[Space]):
-        """A copy of the traced graph that returns only the merge-point values (dead code cut)."""
+    def _fx_reader(model: nn.Module, graph: ModelGraph, points: Sequence[ReadPoint]):
+        """A copy of the traced graph that returns only the points' values (dead code cut)."""
         fx_graph = fx.Graph()
         mapping: dict[fx.Node, fx.Node] = {}
         for node in graph.module.graph.nodes:
             if node.op != "output":
                 mapping[node] = fx_graph.node_copy(node, lambda n: mapping[n])
         by_name = {node.name: node for node in graph.module.graph.nodes}
-        points = {}
-        for space in spaces:
+        values = {}
+        for point in points:
             # Copy right away (a later in-place ReLU would overwrite it), channel-major.
-            value = mapping[by_name[space.merge_point]]
-            axis = graph.graph.nodes[space.merge_point]["channel_axis"]
+            value = mapping[by_name[point.node]]
+            axis = graph.graph.nodes[point.node]["channel_axis"]
             with fx_graph.inserting_after(value):
-                points[space.name] = fx_graph.call_function(channel_rows, (value, axis))
-        fx_graph.output(points)
+                values[point.name] = fx_graph.call_function(channel_rows, (value, axis))
+        fx_graph.output(values)
         reader = fx.GraphModule(model, fx_graph)
         reader.graph.eliminate_dead_code()
         reader.recompile()
         return reader
 
     @staticmethod
-    def _hook_reader(model: nn.Module, graph: ModelGraph, spaces: Sequence[Space]):
+    def _hook_reader(model: nn.Module, graph: ModelGraph, points: Sequence[ReadPoint]):
         """Forward hooks on the layers a hand-built graph names; sums and products recomputed."""
         nodes = graph.graph.nodes
         needed: dict[str, tuple[nn.Module, int]] = {}
@@ -188,8 +251,8 @@ class FeatureReader:
                     "graph, merge points must be layer outputs, sums or products of them"
                 )
 
-        for space in spaces:
-            require(space.merge_point, space.width)
+        for point in points:
+            require(point.node, point.width)
 
         def value(node: str, inputs: Tensor, captured: dict[str, Tensor]) -> Tensor:
             data = nodes[node]
@@ -211,7 +274,7 @@ class FeatureReader:
             finally:
                 for handle in handles:
                     handle.remove()
-            return {s.name: value(s.merge_point, inputs, captured) for s in spaces}
+            return {p.name: value(p.node, inputs, captured) for p in points}
 
         return run
 
@@ -265,7 +328,7 @@ def collect_statistics(
     stats = {s.name: SpaceStatistics.empty(len(models) * s.width, device) for s in spaces}
     seen = 0
     with torch.no_grad(), _all_evaluating(models):
-        for inputs in _limited(loader, max_batches, max_samples, progress):
+        for inputs in input_batches(loader, max_batches, max_samples, progress):
             inputs = inputs.to(device)
             features = [reader(inputs) for reader in readers]
             for space in spaces:
@@ -281,14 +344,64 @@ def collect_statistics(
     return stats
 
 
-def _limited(
-    loader: Iterable, max_batches: int | None, max_samples: int | None, progress: bool
+def collect_moments(
+    models: Sequence[nn.Module],
+    graph: ModelGraph,
+    loader: Iterable,
+    points: Sequence[ReadPoint],
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+    description: str = "moments",
+) -> list[dict[str, ChannelMoments]]:
+    """Per-channel mean and variance at ``points`` of each model: one pass over ``loader``.
+
+    The models share the architecture of ``graph`` (and the points' widths). They
+    run in eval mode without gradients; their modes are restored.
+
+    Example:
+        >>> points = [ReadPoint("fc1", "layers_fc1", 64)]
+        >>> moments = collect_moments([model], graph, loader, points)[0]
+        >>> moments["fc1"].mean, moments["fc1"].std
+    """
+    readers = [FeatureReader(model, graph, points) for model in models]
+    device = model_device(models[0])
+    moments = [{p.name: ChannelMoments.empty(p.width, device) for p in points} for _ in models]
+    seen = 0
+    with torch.no_grad(), _all_evaluating(models):
+        batches = input_batches(loader, max_batches, max_samples, progress, description)
+        for inputs in batches:
+            inputs = inputs.to(device)
+            for reader, found in zip(readers, moments, strict=True):
+                for name, rows in reader(inputs).items():
+                    found[name].update(rows)
+            seen += inputs.shape[0]
+    if seen == 0:
+        raise ValueError("the loader yielded no samples: statistics need data")
+    for index, found in enumerate(moments):
+        for name, moment in found.items():
+            if not moment.finite:
+                raise FloatingPointError(
+                    f"non-finite features (NaN or Inf) at {name!r} of model {index}: check the "
+                    "model's weights and the data"
+                )
+    return moments
+
+
+def input_batches(
+    loader: Iterable,
+    max_batches: int | None,
+    max_samples: int | None,
+    progress: bool,
+    description: str = "statistics",
 ) -> Iterator[Tensor]:
+    """The input tensors of ``loader``, at most ``max_batches`` / ``max_samples``, empty ones
+    skipped, with a tqdm bar."""
     seen = 0
     total = max_batches
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
-    bar = tqdm(total=total, desc="statistics", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=description, unit="batch", disable=not progress, leave=False)
     try:
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:

@@ -35,6 +35,19 @@ def digits_image() -> gm.data.DataSplits:
     return gm.data.digits(layout="image")
 
 
+def train_pair(architecture, kwargs, splits, epochs, lr):
+    """One model per data split, trained from seeds 0, 1, ... with the given recipe."""
+    models = []
+    for seed, data in enumerate(splits):
+        fixed = gm.models.data_kwargs(architecture, data.input_shape, data.num_classes)
+        model = gm.models.build(architecture, seed=seed, **kwargs, **fixed)
+        result = gm.training.train(
+            model, data.train, epochs=epochs, lr=lr, seed=seed, progress=False
+        )
+        models.append(result.model)
+    return models
+
+
 def state_hash(model: torch.nn.Module) -> str:
     """A hash of every tensor in the model's state_dict (names, shapes and values)."""
     digest = hashlib.sha256()

@@ -1,20 +1,9 @@
 """Trained digit models: aligned merging beats plain averaging (same task and disjoint tasks)."""
 
 import pytest
+from conftest import train_pair
 
 import graphmerge as gm
-
-
-def train_pair(architecture, kwargs, splits, epochs, lr):
-    models = []
-    for seed, data in enumerate(splits):
-        fixed = gm.models.data_kwargs(architecture, data.input_shape, data.num_classes)
-        model = gm.models.build(architecture, seed=seed, **kwargs, **fixed)
-        result = gm.training.train(
-            model, data.train, epochs=epochs, lr=lr, seed=seed, progress=False
-        )
-        models.append(result.model)
-    return models
 
 
 def midpoints(models, data, output="average"):

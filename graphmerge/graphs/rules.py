@@ -16,6 +16,16 @@ from graphmerge.models.layers import LayerNorm2d
 
 NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
+# Layers that pass their input through unchanged in eval mode.
+IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
@@ -33,12 +43,7 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Hardtanh,
     nn.Softplus,
     nn.Softsign,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
+    *IDENTITY_MODULES,
     nn.Softmax,
     nn.LogSoftmax,
 )
@@ -137,7 +142,7 @@ def module_category(module: nn.Module) -> str:
         return "producer"
     if isinstance(module, (*BATCH_NORMS, nn.LayerNorm, LayerNorm2d, nn.GroupNorm)):
         return "norm"
-    passive = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Softmax)
+    passive = (*IDENTITY_MODULES, nn.Softmax)
     if isinstance(module, ELEMENTWISE_MODULES) and not isinstance(module, passive):
         return "activation"
     return ""

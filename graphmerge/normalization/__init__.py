@@ -1,10 +1,43 @@
 """Normalization after merging: RESET-BN, REPAIR and RESCALE.
 
-Merged networks lose activation variance; these functions repair the
-statistics of a merged (or pruned) model on data and return a new model
-(see the "Normalization after merging" issue).
+Merged networks lose activation variance ("variance collapse"); these functions
+repair the statistics of a merged (or pruned) model on data and return a new
+model. ``reset_bn`` recomputes BatchNorm running statistics; ``repair`` gives every
+merged unit the mean and std of the source units it combines; ``rescale`` the std
+only; ``match_statistics`` does the same toward any reference models of the same
+widths (after pruning); ``renormalize`` is the engine, with a per-point report.
+
+Example:
+    >>> merger = gm.Merger([a, b], example_input=x); merger.collect(data.train)
+    >>> result = merger.merge("permute")
+    >>> repaired = gm.normalization.repair(result.model, [a, b], result, data.train)
+    >>> reset = gm.normalization.reset_bn(result.model, data.train)
 """
 
+from graphmerge.normalization.points import FoldTarget, RepairPoint, SkippedPoint, repair_points
+from graphmerge.normalization.repair import (
+    PointReport,
+    Renormalized,
+    match_statistics,
+    renormalize,
+    repair,
+    rescale,
+)
 from graphmerge.normalization.reset import reset_bn
 
-__all__ = ["reset_bn"]
+NORMALIZATIONS = ("reset", "repair", "rescale")
+
+__all__ = [
+    "NORMALIZATIONS",
+    "FoldTarget",
+    "PointReport",
+    "Renormalized",
+    "RepairPoint",
+    "SkippedPoint",
+    "match_statistics",
+    "renormalize",
+    "repair",
+    "repair_points",
+    "rescale",
+    "reset_bn",
+]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from graphmerge.evaluation import model_device
+from graphmerge.evaluation import copy_model, model_device, run_model
 from graphmerge.statistics import batch_inputs
 
 
@@ -23,7 +22,7 @@ def reset_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None)
     Example:
         >>> merged = gm.normalization.reset_bn(merged, data.train)
     """
-    reset = copy.deepcopy(model)
+    reset = copy_model(model)
     norms = [m for m in reset.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return reset
@@ -44,7 +43,7 @@ def reset_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None)
                 inputs = batch_inputs(batch).to(device)
                 if inputs.shape[0] == 0:
                     continue
-                reset(inputs)
+                run_model(reset, inputs)
                 seen += inputs.shape[0]
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import state_hash
 from torch import nn
+from torch.nn.utils import prune
 
 import graphmerge as gm
 
@@ -43,3 +44,14 @@ def test_reset_bn_averages_batches_and_leaves_dropout_alone():
     assert not reset[2].training
     with pytest.raises(ValueError, match="no samples"):
         gm.normalization.reset_bn(model, [])
+
+
+def test_reset_bn_names_a_wrong_input_shape_and_copies_pruned_models():
+    model = gm.models.build("resnet20", seed=0)
+    with pytest.raises(ValueError, match=r"cannot run on inputs of shape \(4, 10\)"):
+        gm.normalization.reset_bn(model, [torch.randn(4, 10)])
+    prune.l1_unstructured(model.conv1, "weight", amount=0.5)  # weight non-leaf
+    before = state_hash(model)
+    reset = gm.normalization.reset_bn(model, [torch.randn(8, 3, 8, 8)])
+    assert state_hash(model) == before
+    assert torch.equal(reset.conv1.weight_mask, model.conv1.weight_mask)

@@ -1,0 +1,332 @@
+"""REPAIR and RESCALE: give a merged (or pruned) model's units the statistics they should have.
+
+For every repair point (see ``points``) the target of merged unit k is the merge
+matrix's combination of the source models' units:
+
+    mean_target = M @ mean_sources,    std_target = |M| @ std_sources
+
+(for permute, the average of the matched units' means and of their stds: std, not
+variance, is averaged; ``|M|`` keeps a mixing map such as cca's at the std the merged
+unit would have if the mixed units were perfectly correlated). The merged model's own
+mean and std are measured on the same data and each unit is corrected in place of
+its producing layer: REPAIR y -> (y - mean) * std_target / std + mean_target, RESCALE
+y -> (y - mean) * std_target / std + mean (scale only: means stay as they were).
+Points are processed level by level (a point's statistics depend on corrections
+upstream), one pass over the data per level, so that after the correction every
+point meets its target on that data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+
+from graphmerge.evaluation import copy_model
+from graphmerge.graphs import ModelGraph, trace
+from graphmerge.normalization.points import FoldTarget, RepairPoint, SkippedPoint, repair_points
+from graphmerge.statistics import ChannelMoments, ReadPoint, batch_inputs, collect_moments
+from graphmerge.weighting import model_weights, reweighted
+
+if TYPE_CHECKING:
+    from graphmerge.merge import Match, MergeResult
+
+Mode = Literal["repair", "rescale"]
+MODES = ("repair", "rescale")
+# A merged unit is dead (constant on the data) when its std is below this fraction of
+# its scale: it is shifted, never divided by a rounding-error std.
+DEAD_RELATIVE = 1e-5
+EXAMPLE_BATCH = 8
+
+
+@dataclass
+class PointReport:
+    """One corrected point: its targets, what the model had before, and the correction."""
+
+    point: RepairPoint
+    target_mean: Tensor
+    target_std: Tensor
+    mean_before: Tensor
+    std_before: Tensor
+    scale: Tensor
+    shift: Tensor
+    dead_units: int
+
+
+@dataclass
+class Renormalized:
+    """The corrected model (a new object) and what was done.
+
+    Attributes:
+        model: the corrected copy.
+        mode: "repair" or "rescale".
+        points: a PointReport per corrected point, in topological order.
+        skipped: places that could not be corrected, with the reason.
+        passes: passes over the data (1 for the references + 1 per level).
+    """
+
+    model: nn.Module
+    mode: str
+    points: list[PointReport] = field(default_factory=list)
+    skipped: list[SkippedPoint] = field(default_factory=list)
+    passes: int = 0
+
+
+def repair(
+    merged: nn.Module,
+    models: Sequence[nn.Module],
+    merge_result: MergeResult,
+    loader: Iterable,
+    alpha: float | Sequence[float] | None = None,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """REPAIR: a copy of ``merged`` whose units have the mean and std of their source units.
+
+    Targets combine the matched units of ``models`` by ``merge_result``'s merge matrices
+    (weighted as in the merge, or by interpolation weights ``alpha``: one per model, or
+    a float for two); every layer output and residual block output that can absorb a
+    correction is shifted and scaled to its target (Jordan et al. 2023). Works with
+    BatchNorm, LayerNorm and no normalization.
+
+    Example:
+        >>> result = gm.Merger([a, b], example_input=x).merge("permute")  # after collect()
+        >>> repaired = gm.normalization.repair(result.model, [a, b], result, data.train)
+    """
+    return _from_result(merged, models, merge_result, loader, alpha, "repair", max_batches,
+                        max_samples, progress)  # fmt: skip
+
+
+def rescale(
+    merged: nn.Module,
+    models: Sequence[nn.Module],
+    merge_result: MergeResult,
+    loader: Iterable,
+    alpha: float | Sequence[float] | None = None,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """RESCALE: as ``repair`` but scale only; every unit keeps its mean, its std is the target.
+
+    Example:
+        >>> rescaled = gm.normalization.rescale(result.model, [a, b], result, data.train)
+    """
+    return _from_result(merged, models, merge_result, loader, alpha, "rescale", max_batches,
+                        max_samples, progress)  # fmt: skip
+
+
+def match_statistics(
+    target_model: nn.Module,
+    reference_models: nn.Module | Sequence[nn.Module],
+    loader: Iterable,
+    mode: Mode = "repair",
+    weights: float | Sequence[float] | None = None,
+    graph: ModelGraph | None = None,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """A copy of ``target_model`` whose units take the statistics of the same units of the
+    reference models (averaged, or weighted by ``weights``): REPAIR after pruning,
+    quantization or interpolation of aligned models, where widths are unchanged.
+
+    Example:
+        >>> pruned = prune_half(model)            # torch.nn.utils.prune on a copy
+        >>> fixed = gm.normalization.match_statistics(pruned, model, data.train)
+    """
+    return renormalize(
+        target_model, reference_models, loader, graph, None, weights, mode, max_batches,
+        max_samples, progress,
+    ).model  # fmt: skip
+
+
+def _from_result(
+    merged: nn.Module,
+    models: Sequence[nn.Module],
+    merge_result: MergeResult,
+    loader: Iterable,
+    alpha: float | Sequence[float] | None,
+    mode: Mode,
+    max_batches: int | None,
+    max_samples: int | None,
+    progress: bool,
+) -> nn.Module:
+    graph, matches = getattr(merge_result, "graph", None), getattr(merge_result, "matches", None)
+    if graph is None or matches is None:
+        raise TypeError(
+            f"merge_result must be the MergeResult of the merge (from gm.Merger.merge), got a "
+            f"{type(merge_result).__name__}"
+        )
+    weights = merge_result.weights if alpha is None else alpha
+    if isinstance(weights, Tensor):
+        weights = weights.tolist()
+    return renormalize(
+        merged, models, loader, graph, matches, weights, mode, max_batches, max_samples, progress
+    ).model
+
+
+def renormalize(
+    model: nn.Module,
+    references: Sequence[nn.Module],
+    loader: Iterable,
+    graph: ModelGraph | None = None,
+    matches: Mapping[str, Match] | None = None,
+    weights: float | Sequence[float] | None = None,
+    mode: Mode = "repair",
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> Renormalized:
+    """Correct ``model``'s unit statistics toward those of ``references``; returns a report.
+
+    ``matches`` (space name -> Match) say which reference units each unit of ``model``
+    combines (a merge); without them every unit corresponds to the same unit of each
+    reference (same widths: pruning, interpolation of aligned models). ``weights``
+    replaces the merge's own 1/N per model (one per reference, summing to 1, or an
+    alpha for two). ``graph`` is the references' graph (traced on the loader's first
+    batch when omitted). The loader must yield the same samples at every pass
+    (no shuffling, or a full epoch) for the targets to be met exactly.
+
+    Example:
+        >>> report = renormalize(merged, [model_a, model_b], loader, result.graph,
+        ...                      result.matches, mode="repair")
+        >>> report.model, [p.point.node for p in report.points], report.skipped
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown normalization mode {mode!r}: choose one of {', '.join(MODES)}")
+    references = _checked_references(model, references)
+    loader = _replayable(loader)
+    if graph is None:
+        graph = trace(references[0], _example(loader)[:EXAMPLE_BATCH])
+    names = list(matches) if matches is not None else [s.name for s in graph.mergeable_spaces]
+    count = len(references)
+    weight = None if weights is None else model_weights(weights, count)
+    merge_matrices = {}
+    for name in names:
+        space = graph.space(name)
+        if matches is not None:
+            merge = matches[name].merge.double()
+        else:
+            merge = torch.eye(space.width, dtype=torch.float64).repeat(1, count) / count
+        if merge.shape[1] != count * space.width:
+            raise ValueError(
+                f"the match of space {name!r} combines {merge.shape[1]} units, but "
+                f"{count} references of width {space.width} have {count * space.width}"
+            )
+        merge_matrices[name] = merge if weight is None else reweighted(merge, weight)
+    points, skipped = repair_points(graph, names)
+    limits = {"max_batches": max_batches, "max_samples": max_samples, "progress": progress}
+    result = Renormalized(copy_model(model), mode, [], list(skipped), 0)
+    if not points:
+        return result
+    reference_points = [ReadPoint(p.node, p.node, graph.space(p.space).width) for p in points]
+    moments = collect_moments(
+        references, graph, loader, reference_points, description="reference statistics", **limits
+    )
+    result.passes = 1
+    for level in sorted({point.level for point in points}):
+        chosen = [point for point in points if point.level == level]
+        merged_points = [
+            ReadPoint(p.node, p.node, merge_matrices[p.space].shape[0]) for p in chosen
+        ]
+        measured = collect_moments(
+            [result.model], graph, loader, merged_points, description=f"{mode} level {level}",
+            **limits,
+        )[0]  # fmt: skip
+        result.passes += 1
+        for point in chosen:
+            _check_same_data(measured[point.node], moments[0][point.node].count)
+            report = _correct(
+                result.model, point, merge_matrices[point.space], moments, measured, mode
+            )
+            result.points.append(report)
+    return result
+
+
+def _correct(
+    model: nn.Module,
+    point: RepairPoint,
+    merge: Tensor,
+    references: list[dict[str, ChannelMoments]],
+    measured: dict[str, ChannelMoments],
+    mode: Mode,
+) -> PointReport:
+    means = torch.cat([found[point.node].mean.cpu() for found in references])
+    stds = torch.cat([found[point.node].std.cpu() for found in references])
+    target_mean, target_std = merge @ means, merge.abs() @ stds
+    mean, std = measured[point.node].mean.cpu(), measured[point.node].std.cpu()
+    dead = std <= DEAD_RELATIVE * (mean.abs() + target_std) + 1e-12
+    scale = torch.where(dead, torch.ones_like(std), target_std / std.clamp_min(1e-300))
+    # REPAIR: y -> scale * (y - mean) + target_mean; RESCALE keeps the mean: + mean
+    shift = (target_mean if mode == "repair" else mean) - scale * mean
+    _fold(model, point.folds, scale, shift)
+    return PointReport(
+        point, target_mean, target_std, mean, std, scale, shift, int(dead.sum().item())
+    )
+
+
+def _fold(model: nn.Module, folds: Sequence[FoldTarget], scale: Tensor, shift: Tensor) -> None:
+    """y -> scale * y + shift on the layers' outputs: every weight and bias scaled, the
+    shift added to the first bias (a sum of branches gets it once)."""
+    shifted = False
+    with torch.no_grad():
+        for fold in folds:
+            layer = model.get_submodule(fold.module)
+            weight = _parameter(layer, "weight")
+            shape = [1] * weight.dim()
+            shape[fold.axis] = -1
+            weight.mul_(scale.to(weight).view(shape))
+            if fold.has_bias:
+                bias = _parameter(layer, "bias")
+                bias.mul_(scale.to(bias))
+                if not shifted:
+                    bias.add_(shift.to(bias))
+                    shifted = True
+
+
+def _parameter(layer: nn.Module, name: str) -> Tensor:
+    """The stored tensor behind ``name`` (``name_orig`` when torch.nn.utils.prune masks it)."""
+    original = getattr(layer, f"{name}_orig", None)
+    return original if isinstance(original, Tensor) else getattr(layer, name)
+
+
+def _check_same_data(moments: ChannelMoments, samples: int) -> None:
+    if moments.count != samples:
+        raise ValueError(
+            f"the loader gave {moments.count} feature samples in one pass and {samples} in "
+            "another: statistics are corrected pass by pass on the same data, so use a "
+            "loader that yields the same samples every time (e.g. shuffle=False)"
+        )
+
+
+def _checked_references(model: nn.Module, references: Sequence[nn.Module]) -> list[nn.Module]:
+    if isinstance(references, nn.Module):
+        references = [references]
+    references = list(references)
+    if not references:
+        raise ValueError("give at least one reference model (the source or unpruned models)")
+    for index, reference in enumerate([model, *references]):
+        if not isinstance(reference, nn.Module):
+            raise TypeError(f"expected nn.Modules, got a {type(reference).__name__} ({index})")
+    return references
+
+
+def _replayable(loader: Iterable) -> Iterable:
+    if iter(loader) is loader:
+        raise ValueError(
+            "the loader is a one-shot iterator, but renormalization passes over the data "
+            "several times: pass a DataLoader or a list of batches"
+        )
+    return loader
+
+
+def _example(loader: Iterable) -> Tensor:
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError("the loader yielded no batches: renormalization needs data")
+    return batch_inputs(first)
