@@ -60,6 +60,9 @@ def reweighted(merge: Tensor, weights: Tensor) -> Tensor:
     old, new = merge.sum(dim=1), result.sum(dim=1)
     fixable = rows & (new > 0)
     result[fixable] *= (old[fixable] / new[fixable])[:, None]
-    orphaned = rows & (new <= 0)
-    result[orphaned] = merge[orphaned]
+    # rows of one model only (units kept side by side, within-model clusters) and rows
+    # whose models all weigh 0 stay exactly as they were, not up to rounding
+    models_in_row = (merge.view(merge.shape[0], count, width) != 0).any(dim=2).sum(dim=1)
+    unchanged = rows & ((models_in_row <= 1) | (new <= 0))
+    result[unchanged] = merge[unchanged]
     return result

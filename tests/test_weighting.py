@@ -44,6 +44,12 @@ def test_reweighted_zip_clusters_stay_averages_of_their_members():
     assert torch.allclose(only_zero_weight[0], merge[0])  # nobody of weight > 0: plain average
 
 
+def test_reweighted_leaves_units_kept_side_by_side_exactly_alone():
+    eye = torch.eye(6, dtype=torch.float64)  # a space kept unmerged (N*d wide)
+    for weights in ([0.013, 0.987], [0.3, 0.7], [1.0, 0.0]):  # 0.013: 1/(2w) * 2w != 1
+        assert torch.equal(reweighted(eye, model_weights(weights, 2)), eye)
+
+
 def test_reweighted_signed_maps_scale_per_model():
     merge = torch.tensor([[0.5, -0.2, 0.3, 0.4]], dtype=torch.float64)  # a cca-like row
     weighted = reweighted(merge, model_weights(0.25, 2))
