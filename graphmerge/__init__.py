@@ -13,12 +13,14 @@ Example:
 """
 
 from graphmerge import (
+    comparison,
     data,
     evaluation,
     graphs,
     matching_functions,
     models,
     normalization,
+    plots,
     statistics,
     training,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "MergeResult",
     "Merger",
     "__version__",
+    "comparison",
     "data",
     "evaluation",
     "graphs",
@@ -42,6 +45,7 @@ __all__ = [
     "merge",
     "models",
     "normalization",
+    "plots",
     "save_checkpoint",
     "statistics",
     "training",

@@ -24,6 +24,7 @@ from torch import nn
 
 from graphmerge import models
 from graphmerge._atomic import atomic_write
+from graphmerge.resize import resized_copy
 
 CHECKPOINT_FORMAT = "graphmerge.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -48,19 +49,31 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` atomically to ``path`` with what it takes to rebuild it.
 
-    ``spec`` defaults to the one ``graphmerge.models.build`` recorded on the model.
+    ``spec`` defaults to the one ``graphmerge.models.build`` recorded on the model. A
+    merged model whose widths changed (zip to a larger width, spaces kept unmerged,
+    joint logits) has lost that record: pass the spec of the models it was merged
+    from, and the file stores it with ``resized=True``; loading builds that
+    architecture and gives every layer the widths of the stored weights.
+
+    Example:
+        >>> merged = gm.merge([a, b], loader, "zip", output="concat")
+        >>> gm.save_checkpoint(merged, "joint.pt", spec=gm.models.spec_of(a))
     """
-    spec = spec if spec is not None else models.spec_of(model)
+    own = models.spec_of(model)
+    spec = spec if spec is not None else own
     if spec is None:
         raise ValueError(
             "cannot tell how to rebuild this model: build it with graphmerge.models.build(...) "
-            "or pass spec=graphmerge.models.ModelSpec(architecture, kwargs)"
+            "or pass spec=graphmerge.models.ModelSpec(architecture, kwargs) (for a merged "
+            "model: the spec of the models it was merged from, gm.models.spec_of(model_a))"
         )
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         **spec.to_dict(),
-        "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "resized": own is None and _resized(spec, state),
+        "state_dict": state,
         "metadata": dict(metadata or {}),
     }
     with atomic_write(path) as handle:
@@ -91,8 +104,36 @@ def load_checkpoint(
             f"version {CHECKPOINT_VERSION}"
         )
     model = models.build(payload["architecture"], **payload["kwargs"])
-    load_state_dict_strictly(model, payload["state_dict"], source=str(path))
+    if payload.get("resized", False):
+        check_keys(model, payload["state_dict"], source=str(path))
+        model = resized_copy(model, payload["state_dict"])
+    else:
+        load_state_dict_strictly(model, payload["state_dict"], source=str(path))
     return Checkpoint(model, payload["architecture"], payload["kwargs"], payload["metadata"])
+
+
+def _resized(spec: models.ModelSpec, state: dict[str, Any]) -> bool:
+    """Whether ``state`` has other shapes than the architecture ``spec`` builds."""
+    template = models.build(spec.architecture, **spec.kwargs).state_dict()
+    if set(template) != set(state):
+        extra = sorted(set(state) ^ set(template))[:5]
+        raise ValueError(
+            f"the model's parameters do not belong to {spec.architecture} (keys differ: "
+            f"{', '.join(extra)}): pass the spec of the architecture it was built or merged from"
+        )
+    return any(tuple(template[key].shape) != tuple(value.shape) for key, value in state.items())
+
+
+def check_keys(model: nn.Module, state_dict: dict[str, Any], source: str) -> None:
+    """Raise an error naming the missing and unexpected keys of ``state_dict``, if any."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    problems = _problems([("missing keys", missing), ("unexpected keys", extra)])
+    if problems:
+        raise ValueError(
+            f"the weights in {source} do not fit the architecture: " + "; ".join(problems)
+        )
 
 
 def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Any], source: str) -> None:
@@ -105,17 +146,23 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Any], sourc
         for key, value in expected.items()
         if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
     )
-    problems = [
-        f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-        for label, items in (
+    problems = _problems(
+        [
             ("missing keys", missing),
             ("unexpected keys", extra),
             ("shape mismatches, file vs model", shapes),
-        )
-        if items
-    ]
+        ]
+    )
     if problems:
         raise ValueError(
             f"the weights in {source} do not fit the architecture: " + "; ".join(problems)
         )
     model.load_state_dict(state_dict)
+
+
+def _problems(found: list[tuple[str, list[str]]]) -> list[str]:
+    return [
+        f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+        for label, items in found
+        if items
+    ]

@@ -103,6 +103,9 @@ class Merger:
         self.example_input = None if example_input is None else example_input.to(device)
         self.statistics: dict[str, SpaceStatistics] | None = None
         self.progress = progress
+        # The source models' moments at repair points depend only on the graph and the
+        # data: REPAIR / RESCALE of several merges on one loader read them once.
+        self._reference_moments = normalization.ReferenceCache()
 
     @property
     def spaces(self) -> list[Space]:
@@ -156,7 +159,7 @@ class Merger:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         _check_normalize(normalize, loader)
         weight = None if weights is None else model_weights(weights, len(self.models))
-        first, last = self._scope(start_at, stop_at)
+        first, last = self.scope(start_at, stop_at)
         merged = [space.name for space in self.spaces[first:last]]
         if merged and entry.kind != "weights" and self.statistics is None:
             raise ValueError(
@@ -182,20 +185,48 @@ class Merger:
             else:
                 match = self._match(entry, space, position, hparams)
             matches[space.name] = _checked(match, space, count, method)
-        matched = time.perf_counter()
-        model = self._fold(matches, output, weight)
-        folded = time.perf_counter()
         result = MergeResult(
-            model=model,
-            matches=matches,
-            merged=merged,
-            method=method,
-            output=output,
-            seconds={"matching": matched - started, "fold": folded - matched},
-            details=details,
-            graph=self.graph,
-            weights=weight,
-        )
+            model=None, matches=matches, merged=merged, method=method, output=output,
+            seconds={"matching": time.perf_counter() - started}, details=details,
+            graph=self.graph, weights=weight,
+        )  # fmt: skip
+        return self._fold_result(result, normalize, loader)
+
+    def reweight(
+        self,
+        result: MergeResult,
+        weights: float | Sequence[float] | None,
+        normalize: str | None = None,
+        loader: Iterable | None = None,
+    ) -> MergeResult:
+        """The same matching as ``result``, folded with new model ``weights`` (no re-matching).
+
+        Walks an interpolation path at the cost of one fold per point: matching is done
+        once. ``normalize`` / ``loader`` as in ``merge``.
+
+        Example:
+            >>> aligned = merger.merge("permute")
+            >>> path = [merger.reweight(aligned, alpha).model for alpha in (0, 0.25, 0.5)]
+        """
+        _check_normalize(normalize, loader)
+        weight = None if weights is None else model_weights(weights, len(self.models))
+        details = {k: v for k, v in result.details.items() if k != "normalization"}
+        again = MergeResult(
+            model=None, matches=result.matches, merged=list(result.merged),
+            method=result.method, output=result.output,
+            seconds={"matching": result.seconds.get("matching", 0.0)}, details=details,
+            graph=self.graph, weights=weight,
+        )  # fmt: skip
+        return self._fold_result(again, normalize, loader)
+
+    def _fold_result(
+        self, result: MergeResult, normalize: str | None, loader: Iterable | None
+    ) -> MergeResult:
+        """Fill ``result.model`` with the fold of its matches, normalized if asked."""
+        started = time.perf_counter()
+        result.model = self._fold(result.matches, result.output, result.weights)
+        folded = time.perf_counter()
+        result.seconds["fold"] = folded - started
         if normalize is not None:
             self._normalize(result, normalize, loader)
             result.seconds["normalize"] = time.perf_counter() - folded
@@ -209,6 +240,7 @@ class Merger:
             report = normalization.renormalize(
                 result.model, self.models, loader, self.graph, result.matches,
                 weights=result.weights, mode=normalize, progress=self.progress,
+                reference_cache=self._reference_moments,
             )  # fmt: skip
             result.model = report.model
             result.details["normalization"] = report
@@ -228,7 +260,8 @@ class Merger:
         except ValueError as error:
             raise ValueError(f"{entry.name} on space {space.name!r}: {error}") from error
 
-    def _scope(self, start_at: int | str | None, stop_at: int | str | None) -> tuple[int, int]:
+    def scope(self, start_at: int | str | None, stop_at: int | str | None) -> tuple[int, int]:
+        """Indices [first, last) into ``spaces`` of the spaces start_at / stop_at merge."""
         first = 0 if start_at is None else self._position(start_at, "start_at")
         last = len(self.spaces) if stop_at is None else self._position(stop_at, "stop_at")
         return first, max(first, last)

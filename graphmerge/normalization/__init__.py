@@ -17,6 +17,7 @@ Example:
 from graphmerge.normalization.points import FoldTarget, RepairPoint, SkippedPoint, repair_points
 from graphmerge.normalization.repair import (
     PointReport,
+    ReferenceCache,
     Renormalized,
     match_statistics,
     renormalize,
@@ -31,6 +32,7 @@ __all__ = [
     "NORMALIZATIONS",
     "FoldTarget",
     "PointReport",
+    "ReferenceCache",
     "Renormalized",
     "RepairPoint",
     "SkippedPoint",

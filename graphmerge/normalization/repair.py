@@ -181,6 +181,7 @@ def renormalize(
     max_batches: int | None = None,
     max_samples: int | None = None,
     progress: bool = True,
+    reference_cache: ReferenceCache | None = None,
 ) -> Renormalized:
     """Correct ``model``'s unit statistics toward those of ``references``; returns a report.
 
@@ -225,10 +226,9 @@ def renormalize(
     if not points:
         return result
     reference_points = [ReadPoint(p.node, p.node, graph.space(p.space).width) for p in points]
-    moments = collect_moments(
-        references, graph, loader, reference_points, description="reference statistics", **limits
-    )
-    result.passes = 1
+    cache = ReferenceCache() if reference_cache is None else reference_cache
+    moments, passes = cache.moments(references, graph, loader, reference_points, limits)
+    result.passes = passes
     for level in sorted({point.level for point in points}):
         chosen = [point for point in points if point.level == level]
         merged_points = [
@@ -246,6 +246,50 @@ def renormalize(
             )
             result.points.append(report)
     return result
+
+
+class ReferenceCache:
+    """Moments of reference models at graph nodes, kept per (references, loader, limits).
+
+    The references' statistics at a repair point do not depend on the merge, so every
+    REPAIR / RESCALE of the same models on the same loader can share them (``Merger`` and
+    the comparison harness do). Entries hold the loader and models they were read from.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[tuple[object, ...], dict[str, list[ChannelMoments]]]] = []
+
+    def moments(
+        self,
+        references: Sequence[nn.Module],
+        graph: ModelGraph,
+        loader: Iterable,
+        points: Sequence[ReadPoint],
+        limits: dict[str, object],
+    ) -> tuple[list[dict[str, ChannelMoments]], int]:
+        """Per reference, the moments at every point; and the passes over the data it took."""
+        key = (loader, graph, *references, limits["max_batches"], limits["max_samples"])
+        store = self._store(key)
+        missing = [point for point in points if point.node not in store]
+        if missing:
+            found = collect_moments(
+                references, graph, loader, missing, description="reference statistics", **limits
+            )
+            for point in missing:
+                store[point.node] = [per_model[point.node] for per_model in found]
+        moments = [
+            {point.node: store[point.node][index] for point in points}
+            for index in range(len(references))
+        ]
+        return moments, int(bool(missing))
+
+    def _store(self, key: tuple[object, ...]) -> dict[str, list[ChannelMoments]]:
+        for known, store in self._entries:
+            if len(known) == len(key) and all(a is b for a, b in zip(known, key, strict=True)):
+                return store
+        store: dict[str, list[ChannelMoments]] = {}
+        self._entries.append((key, store))
+        return store
 
 
 def _correct(

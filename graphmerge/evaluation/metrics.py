@@ -1,4 +1,8 @@
-"""Evaluation of models on data: accuracy and cross-entropy loss.
+"""Accuracy and cross-entropy loss of a model on data, joint and per task.
+
+Also the small helpers every pass over data shares: eval mode with the modes
+restored, the model's device, a copy that survives pruning masks, and clear
+errors for loaders and inputs that do not fit.
 
 Example:
     >>> import graphmerge as gm
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,14 +101,29 @@ def check_labels(outputs: Tensor, targets: Tensor) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str | None = None,
+    tasks: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy (fraction correct) and mean cross-entropy loss of ``model`` on ``loader``.
 
-    The model runs in eval mode; its modes are restored afterwards.
+    With ``tasks`` (disjoint lists of logit columns, one per task: the ZipIt! protocol for
+    models trained on different label sets, e.g. ``[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]``),
+    ``accuracy`` is the joint accuracy (argmax over all outputs) and ``task_accuracy``
+    lists, per task, the accuracy on that task's samples with the argmax taken over the
+    task's own columns only; ``mean_task_accuracy`` is their mean. The model runs in
+    eval mode; its modes are restored afterwards.
+
+    Example:
+        >>> metrics = evaluate(joint_model, data.test, tasks=[range(5), range(5, 10)])
+        >>> metrics["accuracy"], metrics["task_accuracy"]
     """
     device = torch.device(device) if device is not None else model_device(model)
+    columns = None if tasks is None else _task_columns(tasks)
     correct, loss_sum, count = 0, 0.0, 0
+    task_correct = [0] * len(columns or [])
+    task_count = [0] * len(columns or [])
     with evaluating(model):
         for inputs, targets in labelled_batches(loader):
             inputs, targets = inputs.to(device), targets.to(device)
@@ -113,6 +132,44 @@ def evaluate(
             loss_sum += F.cross_entropy(outputs, targets, reduction="sum").item()
             correct += (outputs.argmax(dim=1) == targets).sum().item()
             count += targets.numel()
+            for index, task in enumerate(columns or []):
+                task = task.to(device)
+                if task.max() >= outputs.shape[1]:
+                    raise ValueError(
+                        f"task {index} names output column {int(task.max())} but the model "
+                        f"has {outputs.shape[1]} outputs"
+                    )
+                mine = torch.isin(targets, task)
+                predicted = task[outputs[mine][:, task].argmax(dim=1)]
+                task_correct[index] += (predicted == targets[mine]).sum().item()
+                task_count[index] += int(mine.sum().item())
     if count == 0:
         raise ValueError("the loader yielded no samples: nothing to evaluate")
-    return {"accuracy": correct / count, "loss": loss_sum / count, "num_samples": count}
+    metrics: dict[str, Any] = {
+        "accuracy": correct / count,
+        "loss": loss_sum / count,
+        "num_samples": count,
+    }
+    if columns is not None:
+        empty = [index for index, seen in enumerate(task_count) if seen == 0]
+        if empty:
+            raise ValueError(
+                f"task(s) {empty} have no samples in the loader: each task's labels must "
+                "appear in the data"
+            )
+        metrics["task_accuracy"] = [c / n for c, n in zip(task_correct, task_count, strict=True)]
+        metrics["mean_task_accuracy"] = sum(metrics["task_accuracy"]) / len(columns)
+    return metrics
+
+
+def _task_columns(tasks: Sequence[Sequence[int]]) -> list[Tensor]:
+    """The tasks as index tensors; disjoint, non-empty and non-negative, or a clear error."""
+    columns = [torch.as_tensor(list(task), dtype=torch.long) for task in tasks]
+    if not columns or any(task.numel() == 0 for task in columns):
+        raise ValueError("tasks must be a non-empty list of non-empty lists of output columns")
+    joined = torch.cat(columns)
+    if joined.min() < 0:
+        raise ValueError(f"task columns must be >= 0, got {joined.min().item()}")
+    if joined.unique().numel() != joined.numel():
+        raise ValueError("tasks must not share output columns (each label belongs to one task)")
+    return columns

@@ -1,0 +1,53 @@
+"""The ``graphmerge`` command line.
+
+Example:
+    graphmerge demo --out demo-output
+    graphmerge train --model resnet20 --width 2 --data digits --classes 0-4 --seed 1 --out a.pt
+    graphmerge merge a.pt b.pt --method zip --normalize repair --out merged.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import graphmerge
+from graphmerge.cli.common import USER_ERRORS, format_classes
+from graphmerge.cli.demo import add_demo
+from graphmerge.cli.inspect import add_graph, add_matchers, add_models
+from graphmerge.cli.train import add_train
+
+__all__ = ["build_parser", "format_classes", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``graphmerge`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        print(f"graphmerge {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graphmerge",
+        description="Merge separately trained neural networks into one, without retraining.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"graphmerge {graphmerge.__version__}"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo(commands)
+    add_train(commands)
+    add_graph(commands)
+    add_models(commands)
+    add_matchers(commands)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

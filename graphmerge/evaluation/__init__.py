@@ -1,0 +1,46 @@
+"""Evaluation: accuracy and loss (joint and per task), the ensemble baseline,
+interpolation curves and loss barriers.
+
+Example:
+    >>> import graphmerge as gm
+    >>> gm.evaluation.evaluate(merged, data.test)  # {'accuracy', 'loss', 'num_samples'}
+    >>> gm.evaluation.evaluate(gm.evaluation.Ensemble([a, b]), data.test)
+    >>> curve = gm.evaluation.interpolation_curve(merger, data.test, "permute")
+    >>> curve.barrier
+"""
+
+from graphmerge.evaluation.curves import (
+    Curve,
+    accuracy_barrier,
+    alpha_grid,
+    interpolation_curve,
+    loss_barrier,
+)
+from graphmerge.evaluation.ensemble import Ensemble
+from graphmerge.evaluation.metrics import (
+    check_labels,
+    check_logits,
+    copy_model,
+    evaluate,
+    evaluating,
+    labelled_batches,
+    model_device,
+    run_model,
+)
+
+__all__ = [
+    "Curve",
+    "Ensemble",
+    "accuracy_barrier",
+    "alpha_grid",
+    "check_labels",
+    "check_logits",
+    "copy_model",
+    "evaluate",
+    "evaluating",
+    "interpolation_curve",
+    "labelled_batches",
+    "loss_barrier",
+    "model_device",
+    "run_model",
+]
