@@ -13,19 +13,21 @@ Example:
 """
 
 from graphmerge import (
-    comparison,
     data,
     evaluation,
     graphs,
     matching_functions,
     models,
     normalization,
-    plots,
     statistics,
     training,
 )
 from graphmerge.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from graphmerge.merge import Match, Merger, MergeResult, interpolate, merge
+
+# isort: split
+# The harness, plots and demo build on merge (imported after it).
+from graphmerge import comparison, demo, plots
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "__version__",
     "comparison",
     "data",
+    "demo",
     "evaluation",
     "graphs",
     "interpolate",

@@ -86,18 +86,34 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Rebuild the model stored at ``path`` and load its weights (strictly)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch file ({error})") from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    payload = read_file(path, map_location)
+    if not is_checkpoint(payload):
         raise ValueError(
             f"{path} is not a graphmerge checkpoint (a plain state_dict?): rebuild the model with "
             "graphmerge.models.build(name, ...) and load_state_dict it, or on the command line "
             "name the architecture with --model NAME"
         )
+    return rebuild(payload, path)
+
+
+def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """What a PyTorch file holds (tensors and plain containers only: ``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch file ({error})") from error
+
+
+def is_checkpoint(payload: Any) -> bool:
+    """Whether ``payload`` (from ``read_file``) is a graphmerge checkpoint."""
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def rebuild(payload: dict[str, Any], path: str | os.PathLike) -> Checkpoint:
+    """The Checkpoint of a payload read by ``read_file`` (``path`` for messages)."""
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(
             f"{path} has checkpoint version {payload.get('version')!r}; this graphmerge reads "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +282,38 @@ def load(name: str, **kwargs: Any) -> DataSplits:
             raise ValueError(f"{name} needs root=<folder holding {CIFAR_FOLDERS[name]}>")
         return cifar(name=name, **kwargs)
     raise ValueError(f"unknown data set {name!r}: choose digits, cifar10 or cifar100")
+
+
+class Relabelled:
+    """A loader whose labels (original class ids) are replaced by their position in
+    ``classes``: the output column of a model whose ``classes[column]`` is the class id
+    (e.g. joint logits of a 5-9 model and a 0-4 model: classes 5..9, 0..4).
+
+    Example:
+        >>> test = Relabelled(digits(remap_labels=False).test, [5, 6, 7, 8, 9, 0, 1, 2, 3, 4])
+    """
+
+    def __init__(self, loader: Iterable, classes: Sequence[int]) -> None:
+        classes = [int(class_id) for class_id in classes]
+        if len(set(classes)) != len(classes) or not classes or min(classes) < 0:
+            raise ValueError(f"classes must be distinct ids >= 0, got {classes}")
+        self.loader = loader
+        self.classes = classes
+        self.columns = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+        self.columns[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for inputs, targets, *_ in self.loader:
+            if targets.numel() and (targets.min() < 0 or targets.max() >= len(self.columns)):
+                raise ValueError(f"labels outside the known classes {self.classes}")
+            columns = self.columns[targets]
+            if (columns < 0).any():
+                unknown = sorted(set(targets[columns < 0].tolist()))
+                raise ValueError(f"labels {unknown} are not among the classes {self.classes}")
+            yield inputs, columns
 
 
 def _check_batch_size(batch_size: int) -> None:

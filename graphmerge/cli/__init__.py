@@ -16,6 +16,7 @@ import graphmerge
 from graphmerge.cli.common import USER_ERRORS, format_classes
 from graphmerge.cli.demo import add_demo
 from graphmerge.cli.inspect import add_graph, add_matchers, add_models
+from graphmerge.cli.merging import add_merging
 from graphmerge.cli.train import add_train
 
 __all__ = ["build_parser", "format_classes", "main"]
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo(commands)
     add_train(commands)
+    add_merging(commands)
     add_graph(commands)
     add_models(commands)
     add_matchers(commands)
