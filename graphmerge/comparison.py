@@ -147,7 +147,7 @@ def compare(
             options = dict(hparams.get(method, {}))
             matched = merger.merge(method, scope.start_at, scope.stop_at, output, **options)
             for normalize in normalizations:
-                bar.set_postfix_str(_name(method, normalize, scope))
+                bar.set_postfix_str(_name(method, normalize, scope, options))
                 result = (
                     matched if normalize is None
                     else merger.reweight(matched, matched.weights, normalize, loader)
@@ -230,9 +230,14 @@ class TaskSubset:
                 yield inputs[mine], local
 
 
-def _name(method: str, normalize: str | None, scope: Scope) -> str:
+def _name(
+    method: str, normalize: str | None, scope: Scope, options: Mapping[str, object] | None = None
+) -> str:
+    """``"zip + repair (stop_at=2, alpha=0.5)"``: method, normalization, scope, hparams."""
     name = method if normalize is None else f"{method} + {normalize}"
-    return f"{name} ({scope.label})" if scope.label else name
+    details = [scope.label] if scope.label else []
+    details += [f"{key}={value}" for key, value in sorted((options or {}).items())]
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def _row(name: str, kind: str, metrics: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -249,7 +254,7 @@ def _merge_row(
 ) -> dict[str, Any]:
     seconds = {key: result.seconds.get(key, 0.0) for key in ("matching", "fold", "normalize")}
     return _row(
-        _name(result.method, result.normalize, scope),
+        _name(result.method, result.normalize, scope, options),
         "merge",
         metrics,
         method=result.method,

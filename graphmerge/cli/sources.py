@@ -104,6 +104,14 @@ def load_sources(args: argparse.Namespace, minimum: int = 2) -> Sources:
                 f"{first.data_spec} (class lists aside): merge models of the same kind of input"
             )
     classes = [entry.classes for entry in loaded]
+    joint = [class_id for group in classes for class_id in group]
+    if any(group != classes[0] for group in classes) and len(set(joint)) != len(joint):
+        listed = "; ".join(f"{path}: {group}" for path, group in zip(paths, classes, strict=True))
+        raise ValueError(
+            f"the checkpoints' output classes overlap but differ ({listed}): models of one "
+            "label set must list the classes in the same order, and joint logits need "
+            "disjoint class sets"
+        )
     data_spec = dict(first.data_spec, classes=sorted({c for group in classes for c in group}))
     return Sources(paths, [entry.model for entry in loaded], first.spec, classes, data_spec)
 

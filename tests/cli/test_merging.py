@@ -177,3 +177,21 @@ def test_interpolate_reports_barriers_identity_above_permute(checkpoints, tmp_pa
     assert main(["interpolate", str(checkpoints["low"]), str(checkpoints["high"]), "--out",
                  str(out)]) == 2  # fmt: skip
     assert "interpolate runs between 2 checkpoints" in capsys.readouterr().err
+
+
+def test_merged_checkpoints_merge_again_and_refuse_conflicting_class_orders(
+    checkpoints, tmp_path, capsys
+):
+    low, high = str(checkpoints["low"]), str(checkpoints["high"])
+    first, second, third = (str(tmp_path / name) for name in ("j1.pt", "j2.pt", "j3.pt"))
+    assert main(["merge", low, high, "--out", first, "--quiet"]) == 0
+    assert main(["merge", high, low, "--out", second, "--quiet"]) == 0
+    assert main(["merge", low, high, "--method", "zip", "--out", third, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["merge", first, second, "--out", str(tmp_path / "x.pt"), "--quiet"]) == 2
+    assert "output classes overlap but differ" in capsys.readouterr().err
+    again = tmp_path / "again.pt"
+    assert main(["merge", first, third, "--out", str(again), "--quiet"]) == 0
+    assert gm.load_checkpoint(again).model.head.out_features == 10
+    assert main(["graph", "--checkpoint", str(again)]) == 0
+    assert "exact" in capsys.readouterr().out
