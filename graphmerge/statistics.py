@@ -117,29 +117,47 @@ class SpaceStatistics:
 class ChannelMoments:
     """Streaming per-channel mean and variance (float64; Chan et al.'s parallel update).
 
-    ``count`` samples per channel, ``mean`` and ``m2`` (sum of squared deviations).
+    ``count`` samples per channel, ``mean`` and ``m2`` (sum of squared deviations);
+    with ``comoment`` (created by ``empty(..., covariance=True)``) also the sum of
+    products of deviations between channels, for the full covariance.
     """
 
     count: int
     mean: Tensor
     m2: Tensor
+    comoment: Tensor | None = None
 
     @classmethod
-    def empty(cls, width: int, device: torch.device | str = "cpu") -> ChannelMoments:
+    def empty(
+        cls, width: int, device: torch.device | str = "cpu", covariance: bool = False
+    ) -> ChannelMoments:
         zeros = torch.zeros(width, dtype=torch.float64, device=device)
-        return cls(0, zeros, zeros.clone())
+        comoment = torch.zeros(width, width, dtype=torch.float64, device=device)
+        return cls(0, zeros, zeros.clone(), comoment if covariance else None)
 
     def update(self, rows: Tensor) -> None:
         """Add samples given channel-major (channels x samples)."""
         samples = rows.shape[1]
         if samples == 0:
             return
-        variance, mean = torch.var_mean(rows.double(), dim=1, correction=0)
+        rows = rows.double()
+        variance, mean = torch.var_mean(rows, dim=1, correction=0)
         total = self.count + samples
         delta = mean - self.mean
+        weight = self.count * samples / total
+        if self.comoment is not None:
+            centred = rows - mean[:, None]
+            self.comoment = self.comoment + centred @ centred.T + torch.outer(delta, delta) * weight
         self.mean = self.mean + delta * (samples / total)
-        self.m2 = self.m2 + variance * samples + delta.square() * (self.count * samples / total)
+        self.m2 = self.m2 + variance * samples + delta.square() * weight
         self.count = total
+
+    @property
+    def covariance(self) -> Tensor:
+        """The population covariance between channels (needs ``covariance=True``)."""
+        if self.comoment is None:
+            raise ValueError("these moments were collected without covariance=True")
+        return self.comoment / self.count
 
     @property
     def variance(self) -> Tensor:
@@ -169,11 +187,13 @@ def batch_inputs(batch: object) -> Tensor:
 
 @dataclass(frozen=True)
 class ReadPoint:
-    """Where features are read: graph ``node`` with ``width`` channels, stored as ``name``."""
+    """Where features are read: graph ``node`` with ``width`` channels, stored as ``name``;
+    ``covariance`` also accumulates the covariance between channels (width x width)."""
 
     name: str
     node: str
     width: int
+    covariance: bool = False
 
 
 def merge_points(spaces: Sequence[Space]) -> list[ReadPoint]:
@@ -366,7 +386,10 @@ def collect_moments(
     """
     readers = [FeatureReader(model, graph, points) for model in models]
     device = model_device(models[0])
-    moments = [{p.name: ChannelMoments.empty(p.width, device) for p in points} for _ in models]
+    moments = [
+        {p.name: ChannelMoments.empty(p.width, device, p.covariance) for p in points}
+        for _ in models
+    ]
     seen = 0
     with torch.no_grad(), _all_evaluating(models):
         batches = input_batches(loader, max_batches, max_samples, progress, description)

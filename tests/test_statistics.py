@@ -171,3 +171,20 @@ def test_moments_at_any_node_of_a_model():
     with pytest.raises(ValueError, match="features at 'hidden' have 6 channels, expected 7"):
         collect_moments([model], graph, [x], [ReadPoint("hidden", "layers_fc2", 7)],
                         progress=False)  # fmt: skip
+
+
+def test_channel_moments_covariance_matches_torch_cov_across_batches():
+    from graphmerge.statistics import ChannelMoments
+
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 90, generator=generator, dtype=torch.float64) * 4 + 25
+    moments = ChannelMoments.empty(5, covariance=True)
+    for chunk in (rows[:, :7], rows[:, 7:8], rows[:, 8:60], rows[:, 60:]):
+        moments.update(chunk)
+    expected = torch.cov(rows, correction=0)
+    assert torch.allclose(moments.covariance, expected, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(moments.variance, expected.diagonal(), rtol=1e-10)
+    plain = ChannelMoments.empty(5)
+    plain.update(rows)
+    with pytest.raises(ValueError, match="without covariance=True"):
+        _ = plain.covariance

@@ -1,13 +1,16 @@
 """REPAIR and RESCALE: give a merged (or pruned) model's units the statistics they should have.
 
 For every repair point (see ``points``) the target of merged unit k is the merge
-matrix's combination of the source models' units:
+matrix's combination of the source models' units, M = [M_1 ... M_N] by model:
 
-    mean_target = M @ mean_sources,    std_target = |M| @ std_sources
+    mean_target = M @ mean_sources,    std_target_k = sum_i std(M_i,k x_i)
 
-(for permute, the average of the matched units' means and of their stds: std, not
-variance, is averaged; ``|M|`` keeps a mixing map such as cca's at the std the merged
-unit would have if the mixed units were perfectly correlated). The merged model's own
+the std of each model's own contribution to unit k, summed over the models as if the
+models were perfectly correlated (for permute and identity, the average of the matched
+units' stds: std, not variance, is averaged, as in REPAIR). When a row of M_i mixes
+several units of model i (zip within a model, cca), std(M_i,k x_i) =
+sqrt(M_i,k Cov_i M_i,k^T) needs model i's covariance at the point, which the reference
+pass then collects; otherwise it is |M_i,k| @ std_i. The merged model's own
 mean and std are measured on the same data and each unit is corrected in place of
 its producing layer: REPAIR y -> (y - mean) * std_target / std + mean_target, RESCALE
 y -> (y - mean) * std_target / std + mean (scale only: means stay as they were).
@@ -225,7 +228,11 @@ def renormalize(
     result = Renormalized(copy_model(model), mode, [], list(skipped), 0)
     if not points:
         return result
-    reference_points = [ReadPoint(p.node, p.node, graph.space(p.space).width) for p in points]
+    reference_points = [
+        ReadPoint(p.node, p.node, graph.space(p.space).width,
+                  covariance=_mixes_units(merge_matrices[p.space], count))
+        for p in points
+    ]  # fmt: skip
     cache = ReferenceCache() if reference_cache is None else reference_cache
     moments, passes = cache.moments(references, graph, loader, reference_points, limits)
     result.passes = passes
@@ -270,7 +277,7 @@ class ReferenceCache:
         """Per reference, the moments at every point; and the passes over the data it took."""
         key = (loader, graph, *references, limits["max_batches"], limits["max_samples"])
         store = self._store(key)
-        missing = [point for point in points if point.node not in store]
+        missing = [point for point in points if not self._holds(store, point)]
         if missing:
             found = collect_moments(
                 references, graph, loader, missing, description="reference statistics", **limits
@@ -282,6 +289,12 @@ class ReferenceCache:
             for index in range(len(references))
         ]
         return moments, int(bool(missing))
+
+    @staticmethod
+    def _holds(store: dict[str, list[ChannelMoments]], point: ReadPoint) -> bool:
+        """Whether ``store`` has what ``point`` asks for (covariance included)."""
+        found = store.get(point.node)
+        return found is not None and (not point.covariance or found[0].comoment is not None)
 
     def _store(self, key: tuple[object, ...]) -> dict[str, list[ChannelMoments]]:
         for known, store in self._entries:
@@ -300,9 +313,9 @@ def _correct(
     measured: dict[str, ChannelMoments],
     mode: Mode,
 ) -> PointReport:
-    means = torch.cat([found[point.node].mean.cpu() for found in references])
-    stds = torch.cat([found[point.node].std.cpu() for found in references])
-    target_mean, target_std = merge @ means, merge.abs() @ stds
+    sources = [found[point.node] for found in references]
+    target_mean = merge @ torch.cat([moments.mean.cpu() for moments in sources])
+    target_std = _target_std(merge, sources)
     mean, std = measured[point.node].mean.cpu(), measured[point.node].std.cpu()
     dead = std <= DEAD_RELATIVE * (mean.abs() + target_std) + 1e-12
     scale = torch.where(dead, torch.ones_like(std), target_std / std.clamp_min(1e-300))
@@ -312,6 +325,27 @@ def _correct(
     return PointReport(
         point, target_mean, target_std, mean, std, scale, shift, int(dead.sum().item())
     )
+
+
+def _target_std(merge: Tensor, sources: Sequence[ChannelMoments]) -> Tensor:
+    """sum_i std(M_i x_i) per merged unit: sqrt(diag(M_i Cov_i M_i^T)) where the covariance
+    was collected, else |M_i| @ std_i (the same when a row holds one unit of model i)."""
+    width = merge.shape[1] // len(sources)
+    total = torch.zeros(merge.shape[0], dtype=torch.float64)
+    for index, moments in enumerate(sources):
+        block = merge[:, index * width : (index + 1) * width]
+        if moments.comoment is None:
+            total += block.abs() @ moments.std.cpu()
+        else:
+            variance = ((block @ moments.covariance.cpu()) * block).sum(dim=1)
+            total += variance.clamp_min(0).sqrt()
+    return total
+
+
+def _mixes_units(merge: Tensor, count: int) -> bool:
+    """Whether some merged unit combines several units of one model (needs covariance)."""
+    blocks = merge.reshape(merge.shape[0], count, merge.shape[1] // count)
+    return bool(((blocks != 0).sum(dim=2) > 1).any())
 
 
 def _fold(model: nn.Module, folds: Sequence[FoldTarget], scale: Tensor, shift: Tensor) -> None:

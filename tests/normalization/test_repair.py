@@ -259,3 +259,64 @@ def test_repair_meets_its_targets_for_any_merge_width(method, options):
         assert torch.allclose(found[item.point.node].mean, item.target_mean, atol=1e-3 * scale)
         assert torch.allclose(found[item.point.node].std, item.target_std, atol=1e-3 * scale)
         assert bool((item.target_std >= 0).all())
+
+
+def layer_output(model, layer, inputs):
+    """The output of ``layer`` (a module path) when ``model`` runs on ``inputs``, float64."""
+    features = []
+    hook = model.get_submodule(layer).register_forward_hook(
+        lambda module, args, output: features.append(output.detach().double())
+    )
+    with torch.no_grad():
+        model.eval()(inputs)
+    hook.remove()
+    return features[0]
+
+
+@pytest.mark.parametrize(("method", "options"), [("cca", {}), ("zip", {"beta": 1.0})])
+def test_mixing_merges_target_the_std_of_each_models_own_contribution(method, options):
+    """A row mixing several units of one model (cca, zip within a model) targets
+    sum_i sqrt(M_i Cov_i M_i^T), from each model's covariance, not |M| @ std."""
+    models, loader, result = merged_pair("mlp", {"hidden": (24, 16)}, (64,), method, **options)
+    report = renormalize(result.model, models, loader, result.graph, result.matches,
+                         progress=False)  # fmt: skip
+    inputs = torch.cat(loader)
+    mixed = 0
+    for item in report.points:
+        layer = item.point.folds[0].module
+        merge = result.matches[item.point.space].merge
+        width = merge.shape[1] // 2
+        expected = torch.zeros(merge.shape[0], dtype=torch.float64)
+        upper = torch.zeros(merge.shape[0], dtype=torch.float64)
+        for index, model in enumerate(models):
+            output = layer_output(model, layer, inputs)
+            centred = output - output.mean(dim=0)
+            covariance = centred.T @ centred / centred.shape[0]
+            block = merge[:, index * width : (index + 1) * width]
+            expected += torch.einsum("kd,de,ke->k", block, covariance, block).sqrt()
+            upper += block.abs() @ covariance.diagonal().sqrt()
+        assert torch.allclose(item.target_std, expected, rtol=1e-6, atol=1e-9)
+        assert bool((item.target_std <= upper + 1e-9).all())
+        mixed += int((item.target_std < upper - 1e-6).sum())
+    assert mixed > 0  # some units really mix, so the old |M| @ std target would differ
+    found = measured(report.model, result.graph, loader, report)
+    for item in report.points:
+        scale = float(item.target_std.max())
+        assert torch.allclose(found[item.point.node].std, item.target_std, atol=1e-3 * scale)
+
+
+def test_reference_cache_reads_the_covariance_when_a_later_merge_needs_it():
+    models, loader, _ = merged_pair("mlp", {"hidden": (24, 16)}, (64,))
+    merger = gm.Merger(models, example_input=loader[0], progress=False)
+    merger.collect(loader)
+    permuted = merger.merge("permute", normalize="repair", loader=loader)
+    mixed = merger.merge("cca", normalize="repair", loader=loader)
+    again = merger.merge("cca", normalize="repair", loader=loader)
+    fresh = gm.Merger(models, example_input=loader[0], progress=False)
+    fresh.collect(loader)
+    alone = fresh.merge("cca", normalize="repair", loader=loader)
+    passes = [r.details["normalization"].passes for r in (permuted, mixed, again, alone)]
+    levels = passes[3] - 1
+    assert passes == [levels + 1, levels + 1, levels, levels + 1]
+    for key, value in alone.model.state_dict().items():
+        assert torch.allclose(mixed.model.state_dict()[key], value, atol=1e-6)
