@@ -72,7 +72,8 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         **spec.to_dict(),
-        "resized": own is None and _resized(spec, state),
+        # A spec given explicitly may describe other widths than this model's own.
+        "resized": spec is not own and _resized(spec, state),
         "state_dict": state,
         "metadata": dict(metadata or {}),
     }

@@ -101,6 +101,9 @@ def write_csv(
     """Write ``rows`` (dicts) as CSV with ``columns`` (default: every key, in first-seen
     order), atomically; missing values are left empty."""
     columns = list(columns or dict.fromkeys(key for row in rows for key in row))
+    unlisted = sorted({key for row in rows for key in row} - set(columns))
+    if unlisted:
+        raise ValueError(f"rows hold keys not among the columns: {', '.join(unlisted)}")
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

@@ -14,11 +14,13 @@ import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from graphmerge.graphs.spaces import ParamAxis
+if TYPE_CHECKING:  # graphs imports fold: a runtime import here would be circular
+    from graphmerge.graphs.spaces import ParamAxis
 
 
 @dataclass(frozen=True)

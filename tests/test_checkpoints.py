@@ -81,3 +81,106 @@ def test_missing_garbage_and_unbuilt_models(tmp_path):
         gm.save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         gm.save_checkpoint(gm.models.build("mlp", hidden=(8,)), tmp_path / "no" / "x.pt")
+
+
+# Merged models whose widths differ from what their spec builds (resized checkpoints)
+
+
+def merged_pair(name="mlp", kwargs=None, shape=(64,), method="permute", **options):
+    kwargs = {"hidden": (16, 8)} if kwargs is None else kwargs
+    models = [gm.models.build(name, seed=seed, **kwargs) for seed in (0, 1)]
+    x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(0))
+    merger = gm.Merger(models, example_input=x, progress=False)
+    merger.collect([x[:16], x[16:]])
+    return models, x, merger.merge(method, **options).model
+
+
+def widths(model):
+    """The shape attributes of every layer, by name."""
+    found = {}
+    for name, module in model.named_modules():
+        for attribute in ("in_features", "out_features", "in_channels", "out_channels",
+                          "num_features", "normalized_shape", "groups"):  # fmt: skip
+            if hasattr(module, attribute):
+                found[f"{name}.{attribute}"] = getattr(module, attribute)
+    return found
+
+
+def test_joint_logit_merge_round_trips_with_the_spec_of_its_sources(tmp_path):
+    (a, _), x, merged = merged_pair(output="concat")
+    assert merged.head.out_features == 20 and gm.models.spec_of(merged) is None
+    spec = gm.models.spec_of(a)
+    path = gm.save_checkpoint(merged, tmp_path / "joint.pt", spec=spec, metadata={"tasks": 2})
+    payload = torch.load(path, weights_only=True)
+    assert payload["resized"] is True and payload["architecture"] == "mlp"
+    loaded = gm.load_checkpoint(path)
+    assert type(loaded.model) is type(a)
+    assert loaded.architecture == "mlp" and loaded.kwargs == spec.kwargs
+    assert loaded.metadata == {"tasks": 2}
+    assert loaded.model.head.out_features == 20 and loaded.model.head.in_features == 8
+    assert widths(loaded.model) == widths(merged)
+    assert_same_state(loaded.model, merged)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(x), merged.eval()(x))
+    # the rebuilt model is resized too: saving it again needs the spec again
+    assert gm.models.spec_of(loaded.model) is None
+    again = gm.load_checkpoint(gm.save_checkpoint(loaded.model, tmp_path / "again.pt", spec=spec))
+    assert_same_state(again.model, merged)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "shape", "method", "options"),
+    [
+        ("mlp", {"hidden": (12, 12)}, (64,), "zip", {"merged_width": 18}),  # d' > d
+        ("mlp", {"hidden": (12, 8), "norm": "bn"}, (64,), "permute", {"start_at": 1}),
+        ("mlp", {"hidden": (12, 8), "norm": "ln"}, (64,), "permute", {"stop_at": 1}),
+        ("resnet20", {}, (3, 8, 8), "permute", {"start_at": 3}),
+    ],
+)
+def test_wider_merges_round_trip(tmp_path, name, kwargs, shape, method, options):
+    (a, _), x, merged = merged_pair(name, kwargs, shape, method, **options)
+    assert gm.models.spec_of(merged) is None
+    assert widths(merged) != widths(a)
+    path = gm.save_checkpoint(merged, tmp_path / "wide.pt", spec=gm.models.spec_of(a))
+    assert torch.load(path, weights_only=True)["resized"] is True
+    loaded = gm.load_checkpoint(path).model
+    assert widths(loaded) == widths(merged)
+    assert_same_state(loaded, merged)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), merged.eval()(x))
+
+
+def test_a_merge_of_unchanged_widths_is_not_marked_resized(tmp_path):
+    (a, _), x, merged = merged_pair()
+    assert gm.models.spec_of(merged) == gm.models.spec_of(a)
+    for spec in (None, gm.models.spec_of(a)):
+        path = gm.save_checkpoint(merged, tmp_path / "merged.pt", spec=spec)
+        assert torch.load(path, weights_only=True)["resized"] is False
+        loaded = gm.load_checkpoint(path).model
+        assert gm.models.spec_of(loaded) == gm.models.spec_of(a)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x), merged.eval()(x))
+
+
+def test_resized_models_need_the_spec_of_their_architecture(tmp_path):
+    _, _, merged = merged_pair(output="concat")
+    with pytest.raises(ValueError, match=r"cannot tell how to rebuild.*pass spec="):
+        gm.save_checkpoint(merged, tmp_path / "x.pt")
+    resnet = gm.models.spec_of(gm.models.build("resnet20"))
+    with pytest.raises(ValueError, match=r"do not belong to resnet20 \(keys differ: .*conv1"):
+        gm.save_checkpoint(merged, tmp_path / "x.pt", spec=resnet)
+    normed = gm.models.spec_of(gm.models.build("mlp", hidden=(16, 8), norm="bn"))
+    with pytest.raises(ValueError, match=r"do not belong to mlp \(keys differ: layers\.norm1"):
+        gm.save_checkpoint(merged, tmp_path / "x.pt", spec=normed)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_spec_other_than_the_models_own_round_trips_with_the_models_widths(tmp_path):
+    model = gm.models.build("mlp", hidden=(16, 8), seed=0)
+    other = gm.models.spec_of(gm.models.build("mlp", hidden=(4, 4)))
+    path = gm.save_checkpoint(model, tmp_path / "m.pt", spec=other)
+    loaded = gm.load_checkpoint(path).model
+    assert loaded.layers.fc1.out_features == 16 and loaded.layers.fc2.out_features == 8
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))

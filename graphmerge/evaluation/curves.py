@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -128,8 +129,10 @@ def interpolation_curve(
             f"an interpolation curve runs between 2 models, this merger holds {len(merger.models)}"
         )
     grid = alpha_grid(points) if alphas is None else [float(alpha) for alpha in alphas]
-    if not grid or grid[0] != 0 or grid[-1] != 1:
+    if len(grid) < 2 or grid[0] != 0 or grid[-1] != 1:
         raise ValueError(f"alphas must start at 0 and end at 1, got {grid}")
+    if any(later <= earlier for earlier, later in itertools.pairwise(grid)):
+        raise ValueError(f"alphas must ascend (each larger than the one before), got {grid}")
     started = time.perf_counter()
     aligned = merger.merge(method, **hparams)
     accuracies, losses = [], []
