@@ -174,12 +174,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    _check_folder(args.out)
-    methods = [_method(name) for name in _split(args.methods)]
-    normalizations = [_normalization(name) for name in _split(args.normalize)]
-    hparams = _hparams(args.set)
-    if hparams and len(methods) != 1:
-        raise ValueError("--set applies to a single method: give --methods with one name")
+    methods, normalizations, hparams = _grid(args)
     scopes = [Scope()]
     scopes += [Scope(stop_at=_space(value)) for value in _split(args.stop_at or "")]
     scopes += [Scope(start_at=_space(value)) for value in _split(args.start_at or "")]
@@ -224,12 +219,7 @@ def _add_interpolate(commands: argparse._SubParsersAction) -> None:
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
-    _check_folder(args.out)
-    methods = [_method(name) for name in _split(args.methods)]
-    normalizations = [_normalization(name) for name in _split(args.normalize)]
-    hparams = _hparams(args.set)
-    if hparams and len(methods) != 1:
-        raise ValueError("--set applies to a single method: give --methods with one name")
+    methods, normalizations, hparams = _grid(args)
     if args.points < 2:
         raise ValueError(f"--points must be >= 2, got {args.points}")
     sources = load_sources(args)
@@ -257,6 +247,17 @@ def run_interpolate(args: argparse.Namespace) -> int:
     plots.plot_curves(curves, args.out / "curves.png")
     print(f"wrote {args.out / 'curves.csv'}, {args.out / 'curves.png'}")
     return 0
+
+
+def _grid(args: argparse.Namespace) -> tuple[list[str], list[str | None], dict[str, Any]]:
+    """The checked --out folder, --methods, --normalize and --set of compare / interpolate."""
+    _check_folder(args.out)
+    methods = [_method(name) for name in _split(args.methods)]
+    normalizations = [_normalization(name) for name in _split(args.normalize)]
+    hparams = _hparams(args.set)
+    if hparams and len(methods) != 1:
+        raise ValueError("--set applies to a single method: give --methods with one name")
+    return methods, normalizations, hparams
 
 
 def _collect(
