@@ -12,13 +12,12 @@ then the reasons for every frozen space, grouped.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import re
 import time
 from collections import Counter
 
 import torch
+from common import write_json
 
 import graphmerge as gm
 from graphmerge.graphs import randomize_statistics, trace
@@ -104,10 +103,7 @@ def main() -> None:
     for row in rows:
         for reason, count in row["frozen_reasons"].items():
             print(f"{row['model']}: {count} spaces frozen: {reason}")
-    if args.json:
-        payload = {"machine": platform.platform(), "threads": args.threads, "rows": rows}
-        with open(args.json, "w") as handle:
-            json.dump(payload, handle, indent=2)
+    write_json(args.json, rows, threads=args.threads, image_size=args.image_size)
 
 
 def print_row(row: dict) -> None:

@@ -11,11 +11,10 @@ output="concat"), merges them with each method and prints test accuracy and loss
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
+from common import write_json
 
 import graphmerge as gm
 from graphmerge.recipes import recipe_for
@@ -135,9 +134,7 @@ def main() -> None:
         new = disjoint(architecture, kwargs, epochs, args.methods)
         print_rows(new)
         rows += new
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": platform.platform(), "rows": rows}, handle, indent=2)
+    write_json(args.json, rows, threads=args.threads)
 
 
 def print_rows(rows: list[dict]) -> None:

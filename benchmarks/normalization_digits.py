@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import time
 
 import torch
+from common import write_json
 from merge_digits import label_of, splits_for, trained
 from torch import nn
 from torch.nn.utils import prune
@@ -131,10 +130,7 @@ def main() -> None:
         new = pruning(architecture, kwargs, epochs)
         print_rows(new)
         rows += new
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": platform.platform(), "threads": args.threads, "rows": rows},
-                      handle, indent=2)  # fmt: skip
+    write_json(args.json, rows, threads=args.threads)
 
 
 def print_rows(rows: list[dict]) -> None:

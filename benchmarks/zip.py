@@ -1,25 +1,24 @@
 """Benchmark: the fast ZipIt! greedy against the copying one of the published code.
 
 Usage:
-    python benchmarks/zip.py [--widths 256 512 1024 2048] [--reference-max 1024] [--json zip.json]
+    python benchmarks/zip.py [--widths 256 512 1024 2048] [--models 2 3] [--json zip.json]
 
-For each width d (per model, N = 2, d' = d, alpha 0.3, beta 0.125) on the
-correlation of random features: the seconds of ``greedy_clusters`` (best of
+For each width d per model and number of models N (d' = d, alpha 0.3, beta 0.125) on
+the correlation of random features: the seconds of ``greedy_clusters`` (best of
 ``--repeats``), the seconds of the naive oracle of the tests (which removes a row
-and a column, copying the matrix, at every step like the published code) for
-d <= --reference-max, and whether both give identical clusters.
+and a column, copying the matrix, at every step like the published code) where
+N * d <= --reference-max, and whether both give identical clusters.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "matching_functions"))
 from zip_oracle import oracle_clusters
@@ -54,8 +53,10 @@ def measure(width: int, num_models: int, repeats: int, reference: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    parser.add_argument("--models", type=int, default=2, help="N, the number of models")
-    parser.add_argument("--reference-max", type=int, default=1024, help="largest d for the oracle")
+    parser.add_argument("--models", type=int, nargs="+", default=[2, 3], help="values of N")
+    parser.add_argument(
+        "--reference-max", type=int, default=2048, help="largest N * d for the copying oracle"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows to this JSON file")
@@ -63,19 +64,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{'d':>6s} {'N':>3s} {'fast s':>8s} {'copying s':>10s} {'speed-up':>9s} {'same':>5s}")
     rows = []
-    for width in args.widths:
-        row = measure(width, args.models, args.repeats, width <= args.reference_max)
-        rows.append(row)
-        reference = row["reference_s"]
-        compared = (
-            f"{reference:10.2f} {reference / row['fast_s']:8.0f}x {row['same']!s:>5s}"
-            if reference
-            else f"{'-':>10s} {'-':>9s} {'-':>5s}"
-        )
-        print(f"{width:6d} {args.models:3d} {row['fast_s']:8.3f} {compared}", flush=True)
-    if args.json:
-        payload = {"machine": platform.platform(), "threads": args.threads, "rows": rows}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+    for count in args.models:
+        for width in args.widths:
+            row = measure(width, count, args.repeats, count * width <= args.reference_max)
+            rows.append(row)
+            reference = row["reference_s"]
+            compared = (
+                f"{reference:10.2f} {reference / row['fast_s']:8.0f}x {row['same']!s:>5s}"
+                if reference
+                else f"{'-':>10s} {'-':>9s} {'-':>5s}"
+            )
+            print(f"{width:6d} {count:3d} {row['fast_s']:8.3f} {compared}", flush=True)
+    write_json(args.json, rows, threads=args.threads)
 
 
 if __name__ == "__main__":

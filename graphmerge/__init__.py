@@ -14,6 +14,7 @@ Example:
 
 from graphmerge import (
     data,
+    distributed,
     evaluation,
     graphs,
     matching_functions,
@@ -40,6 +41,7 @@ __all__ = [
     "comparison",
     "data",
     "demo",
+    "distributed",
     "evaluation",
     "graphs",
     "interpolate",

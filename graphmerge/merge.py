@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from graphmerge import matching_functions, normalization
-from graphmerge.evaluation import evaluating, model_device
+from graphmerge.evaluation import evaluating, model_device, on_device
 from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
 from graphmerge.graphs import ModelGraph, Space, trace
 from graphmerge.resize import resized_copy
@@ -83,6 +83,12 @@ class Merger:
         >>> permuted = merger.merge("permute").model
         >>> averaged = merger.merge("identity").model
         >>> ensemble = merger.merge("permute", start_at=len(merger.spaces)).model
+
+    ``device`` is where the models run, the statistics are kept and the merged model
+    is built (default: the models' own device; models elsewhere are copied there, the
+    caller's are never moved). Matching functions run on the CPU (scipy, numpy).
+    Under torch.distributed, ``collect`` sums over the processes: every process gets
+    the same statistics and merges the same model (see ``gm.distributed``).
     """
 
     def __init__(
@@ -91,8 +97,10 @@ class Merger:
         graph: ModelGraph | None = None,
         example_input: Tensor | None = None,
         progress: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
-        check_models(models)
+        check_models(models, same_device=device is None)
+        models = on_device(models, device)
         device = model_device(models[0])
         if graph is None:
             if example_input is None:
@@ -356,8 +364,9 @@ def _check_runs(model: nn.Module, example: Tensor) -> None:
         ) from error
 
 
-def check_models(models: Sequence[nn.Module]) -> None:
-    """Clear errors for anything that cannot be merged: count, classes, shapes, NaN, devices."""
+def check_models(models: Sequence[nn.Module], same_device: bool = True) -> None:
+    """Clear errors for anything that cannot be merged: count, classes, shapes, NaN, and
+    (with ``same_device``) models on different devices."""
     if isinstance(models, nn.Module) or len(models) < 2:
         raise ValueError("merging needs at least 2 models (a list of nn.Modules)")
     for index, model in enumerate(models):
@@ -385,10 +394,11 @@ def check_models(models: Sequence[nn.Module]) -> None:
                     f"{tuple(reference[key].shape)} in model 0: merge models of the same "
                     "architecture and width"
                 )
-            if tensor.device != reference[key].device:
+            if same_device and tensor.device != reference[key].device:
                 raise ValueError(
                     f"{key} is on {tensor.device} in model {index} but on "
-                    f"{reference[key].device} in model 0: move the models to one device"
+                    f"{reference[key].device} in model 0: move the models to one device, or "
+                    "pass device= to merge them there"
                 )
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"{key} of model {index} contains NaN or Inf values")
@@ -408,6 +418,7 @@ def merge(
     example_input: Tensor | None = None,
     normalize: str | None = None,
     weights: float | Sequence[float] | None = None,
+    device: torch.device | str | None = None,
     **hparams: object,
 ) -> nn.Module:
     """Merge N >= 2 models of one architecture into one new model.
@@ -420,6 +431,8 @@ def merge(
     ``normalize`` ("reset", "repair" or "rescale") repairs the merged model's
     statistics on the same loader (which must then be re-iterable: a DataLoader or
     a list); ``weights`` (one per model, or alpha for two) replace the plain average.
+    ``device`` as in ``Merger``; under torch.distributed give each process its shard
+    of the data (``gm.distributed.shard_loader``) and all get the same merged model.
 
     Example:
         >>> merged = gm.merge([model_a, model_b], data.train, method="permute")
@@ -428,7 +441,7 @@ def merge(
         >>> rebasin = gm.merge([model_a, model_b], None, "weight_matching", example_input=x)
         >>> pfm = gm.merge([model_a, model_b], data.train, "preserve_first", inner="zip", k=3)
     """
-    check_models(models)
+    check_models(models, same_device=device is None)
     _check_normalize(normalize, loader)
     if normalize is not None and iter(loader) is loader:
         raise ValueError(
@@ -440,14 +453,14 @@ def merge(
     if loader is None:
         if needs_data:
             raise ValueError(f"method {method!r} needs a data loader for its feature statistics")
-        merger = Merger(models, graph=graph, example_input=example_input, progress=progress)
+        merger = Merger(models, graph, example_input, progress, device)
         return merger.merge(method, start_at, stop_at, **options, **hparams).model
     batches = iter(loader)
     first = next(batches, None)
     if first is None:
         raise ValueError("the loader yielded no batches: merging needs data for statistics")
     example = batch_inputs(first) if example_input is None else example_input
-    merger = Merger(models, graph=graph, example_input=example, progress=progress)
+    merger = Merger(models, graph, example, progress, device)
     if needs_data:
         merger.collect(
             itertools.chain([first], batches),

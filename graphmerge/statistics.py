@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
-from graphmerge.evaluation import evaluating, model_device, run_model
+from graphmerge import distributed
+from graphmerge.evaluation import evaluating, model_device, on_device, run_model
 from graphmerge.graphs import ModelGraph, NodeKind, Space
 
 STD_EPS = 1e-8
@@ -112,6 +113,11 @@ class SpaceStatistics:
     def to(self, device: torch.device | str) -> SpaceStatistics:
         return SpaceStatistics(self.count, self.total.to(device), self.outer.to(device))
 
+    def all_reduce(self) -> None:
+        """Sum count, total and outer over the processes of torch.distributed, in place."""
+        distributed.all_reduce_sum([self.total, self.outer])
+        self.count = distributed.total(self.count)
+
 
 @dataclass
 class ChannelMoments:
@@ -151,6 +157,26 @@ class ChannelMoments:
         self.mean = self.mean + delta * (samples / total)
         self.m2 = self.m2 + variance * samples + delta.square() * weight
         self.count = total
+
+    def all_reduce(self) -> None:
+        """Combine the moments of the processes of torch.distributed, in place.
+
+        With n_r, mean_r, m2_r per rank: mean = sum n_r mean_r / n and
+        m2 = sum m2_r + n_r (mean_r - mean)^2 (the comoment with outer products).
+        """
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device)
+        weighted = self.mean * self.count
+        distributed.all_reduce_sum([count, weighted])
+        mean = weighted / count.clamp_min(1)
+        delta = self.mean - mean
+        self.m2 = self.m2 + delta.square() * self.count
+        sums = [self.m2]
+        if self.comoment is not None:
+            self.comoment = self.comoment + torch.outer(delta, delta) * self.count
+            sums.append(self.comoment)
+        distributed.all_reduce_sum(sums)
+        self.mean = mean
+        self.count = int(count.item())
 
     @property
     def covariance(self) -> Tensor:
@@ -206,16 +232,23 @@ class FeatureReader:
 
     ``points`` are ReadPoints or spaces (read at their merge points). The graph may
     be another model's of the same architecture (a merged model's widths differ;
-    the points then carry the merged widths).
+    the points then carry the merged widths). With ``reuse`` the features of a traced
+    graph are written into the same tensors at every call (valid until the next call;
+    fresh tensors of many MiB cost page faults at every batch).
     """
 
     def __init__(
-        self, model: nn.Module, graph: ModelGraph, points: Sequence[ReadPoint | Space]
+        self,
+        model: nn.Module,
+        graph: ModelGraph,
+        points: Sequence[ReadPoint | Space],
+        reuse: bool = False,
     ) -> None:
         self.model = model
         self.points = [p if isinstance(p, ReadPoint) else merge_points([p])[0] for p in points]
         if graph.module is not None:
-            self._run = self._fx_reader(model, graph, self.points)
+            rows = _RowBuffers().rows if reuse else channel_rows
+            self._run = self._fx_reader(model, graph, self.points, rows)
         else:
             self._run = self._hook_reader(model, graph, self.points)
 
@@ -231,7 +264,7 @@ class FeatureReader:
         return values
 
     @staticmethod
-    def _fx_reader(model: nn.Module, graph: ModelGraph, points: Sequence[ReadPoint]):
+    def _fx_reader(model: nn.Module, graph: ModelGraph, points: Sequence[ReadPoint], rows):
         """A copy of the traced graph that returns only the points' values (dead code cut)."""
         fx_graph = fx.Graph()
         mapping: dict[fx.Node, fx.Node] = {}
@@ -245,7 +278,7 @@ class FeatureReader:
             value = mapping[by_name[point.node]]
             axis = graph.graph.nodes[point.node]["channel_axis"]
             with fx_graph.inserting_after(value):
-                values[point.name] = fx_graph.call_function(channel_rows, (value, axis))
+                values[point.name] = fx_graph.call_function(rows, (value, axis, point.name))
         fx_graph.output(values)
         reader = fx.GraphModule(model, fx_graph)
         reader.graph.eliminate_dead_code()
@@ -305,10 +338,36 @@ COMBINERS = {
 }
 
 
-def channel_rows(value: Tensor, axis: int) -> Tensor:
-    """``value`` as a fresh (channels x samples) tensor: channels from ``axis``, the rest flat."""
+def channel_rows(value: Tensor, axis: int, name: str = "") -> Tensor:
+    """``value`` as a fresh (channels x samples) tensor: channels from ``axis``, the rest flat.
+    (``name``, the point's, is unused: the signature of ``_RowBuffers.rows``.)"""
     rows = value.movedim(axis, 0).reshape(value.shape[axis], -1)
     return rows.clone() if rows.data_ptr() == value.data_ptr() else rows
+
+
+# glibc serves allocations above 32 MiB (its largest mmap threshold) with fresh pages
+# that the kernel maps and zero-fills on every batch; below it, fresh tensors are cheaper.
+REUSE_BYTES = 32 * 2**20
+
+
+class _RowBuffers:
+    """One reusable (channels x samples) tensor per large point, rewritten at every batch."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def rows(self, value: Tensor, axis: int, name: str) -> Tensor:
+        """``channel_rows`` of ``value``, written into the point's own buffer if it is large."""
+        if value.numel() * value.element_size() < REUSE_BYTES:
+            return channel_rows(value, axis)
+        channels = value.shape[axis]
+        shape = (channels, *(size for index, size in enumerate(value.shape) if index != axis))
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != value.dtype:
+            buffer = torch.empty(shape, dtype=value.dtype, device=value.device)
+            self.buffers[name] = buffer
+        buffer.copy_(value.movedim(axis, 0))
+        return buffer.view(channels, -1)
 
 
 def _channel_axis(value: Tensor, width: int) -> int:
@@ -332,18 +391,24 @@ def collect_statistics(
     max_batches: int | None = None,
     max_samples: int | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> dict[str, SpaceStatistics]:
     """Feature statistics of every space in ``spaces`` (default: the mergeable ones).
 
     One pass over ``loader`` (tensors or (input, target) pairs); every model runs
-    in eval mode without gradients and its modes are restored.
+    in eval mode without gradients and its modes are restored. The models run, and the
+    statistics are kept, on ``device`` (default: the models' own; models elsewhere are
+    copied there, yours stay where they are). Under torch.distributed each process
+    passes over its own shard and all get the sums of all (see ``gm.distributed``);
+    ``max_samples`` then counts all processes' samples.
 
     Example:
         >>> stats = collect_statistics([model_a, model_b], graph, loader, max_samples=512)
         >>> stats["layer1.0.conv1"].correlation.shape      # (2 * 16, 2 * 16)
     """
     spaces = list(graph.mergeable_spaces if spaces is None else spaces)
-    readers = [FeatureReader(model, graph, spaces) for model in models]
+    models = on_device(models, device)
+    readers = [FeatureReader(model, graph, spaces, reuse=True) for model in models]
     device = model_device(models[0])
     stats = {s.name: SpaceStatistics.empty(len(models) * s.width, device) for s in spaces}
     seen = 0
@@ -353,14 +418,19 @@ def collect_statistics(
             features = [reader(inputs) for reader in readers]
             for space in spaces:
                 stats[space.name].update_blocks([f[space.name] for f in features])
-                if not stats[space.name].finite:
-                    raise FloatingPointError(
-                        f"non-finite features (NaN or Inf) in space {space.name!r}: check the "
-                        "models' weights and the data"
-                    )
             seen += inputs.shape[0]
-    if seen == 0:
+    # Reduced before any check, so that every process raises the same error (a process
+    # raising alone would leave the others waiting in the collective).
+    for found in stats.values():
+        found.all_reduce()
+    if distributed.total(seen) == 0:
         raise ValueError("the loader yielded no samples: statistics need data")
+    for space in spaces:
+        if not stats[space.name].finite:
+            raise FloatingPointError(
+                f"non-finite features (NaN or Inf) in space {space.name!r}: check the "
+                "models' weights and the data"
+            )
     return stats
 
 
@@ -373,18 +443,21 @@ def collect_moments(
     max_samples: int | None = None,
     progress: bool = True,
     description: str = "moments",
+    device: torch.device | str | None = None,
 ) -> list[dict[str, ChannelMoments]]:
     """Per-channel mean and variance at ``points`` of each model: one pass over ``loader``.
 
     The models share the architecture of ``graph`` (and the points' widths). They
-    run in eval mode without gradients; their modes are restored.
+    run in eval mode without gradients; their modes are restored. ``device`` and
+    torch.distributed as in ``collect_statistics``.
 
     Example:
         >>> points = [ReadPoint("fc1", "layers_fc1", 64)]
         >>> moments = collect_moments([model], graph, loader, points)[0]
         >>> moments["fc1"].mean, moments["fc1"].std
     """
-    readers = [FeatureReader(model, graph, points) for model in models]
+    models = on_device(models, device)
+    readers = [FeatureReader(model, graph, points, reuse=True) for model in models]
     device = model_device(models[0])
     moments = [
         {p.name: ChannelMoments.empty(p.width, device, p.covariance) for p in points}
@@ -399,7 +472,10 @@ def collect_moments(
                 for name, rows in reader(inputs).items():
                     found[name].update(rows)
             seen += inputs.shape[0]
-    if seen == 0:
+    for found in moments:
+        for moment in found.values():
+            moment.all_reduce()
+    if distributed.total(seen) == 0:
         raise ValueError("the loader yielded no samples: statistics need data")
     for index, found in enumerate(moments):
         for name, moment in found.items():
@@ -419,12 +495,15 @@ def input_batches(
     description: str = "statistics",
 ) -> Iterator[Tensor]:
     """The input tensors of ``loader``, at most ``max_batches`` / ``max_samples``, empty ones
-    skipped, with a tqdm bar."""
+    skipped, with a tqdm bar (on rank 0 only). Under torch.distributed ``max_samples``
+    counts all processes: this one takes its share (``gm.distributed.local_samples``)."""
+    max_samples = distributed.local_samples(max_samples)
     seen = 0
     total = max_batches
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
-    bar = tqdm(total=total, desc=description, unit="batch", disable=not progress, leave=False)
+    show = progress and distributed.is_main()
+    bar = tqdm(total=total, desc=description, unit="batch", disable=not show, leave=False)
     try:
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:

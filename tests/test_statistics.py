@@ -9,6 +9,7 @@ import graphmerge as gm
 from graphmerge.graphs import trace
 from graphmerge.statistics import (
     ChannelMoments,
+    FeatureReader,
     ReadPoint,
     SpaceStatistics,
     collect_moments,
@@ -122,6 +123,30 @@ def test_in_place_activations_do_not_corrupt_pre_activation_features():
         pre = model.bn(model.conv(x)).permute(0, 2, 3, 1).reshape(-1, 4).double()
     assert (pre < 0).any()  # ReLU(inplace=True) would have zeroed these
     assert torch.allclose(stats.mean[:4], pre.mean(0), atol=1e-6)
+
+
+def test_reused_buffers_hold_the_same_features_and_are_rewritten(monkeypatch):
+    """reuse=True: the values of a fresh reader, in tensors rewritten at the next call
+    (also through an in-place ReLU that follows the read point)."""
+    monkeypatch.setattr(gm.statistics, "REUSE_BYTES", 0)  # reuse even these small features
+    model = calibrated(InPlace(), torch.randn(16, 3, 4, 4))
+    graph = trace(model, torch.randn(2, 3, 4, 4))
+    fresh = FeatureReader(model, graph, graph.mergeable_spaces)
+    reused = FeatureReader(model, graph, graph.mergeable_spaces, reuse=True)
+    first, second = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
+    with torch.no_grad():
+        expected = {name: value.clone() for name, value in fresh(first).items()}
+        found = reused(first)
+        for name, value in expected.items():
+            assert torch.equal(found[name], value)
+        storage = {name: value.data_ptr() for name, value in found.items()}
+        again = reused(second)
+        for name, value in fresh(second).items():
+            assert torch.equal(again[name], value)
+            assert again[name].data_ptr() == storage[name]  # the same buffer, rewritten
+        smaller = reused(first[:3])  # another batch size: new buffers of that size
+        for name, value in fresh(first[:3]).items():
+            assert torch.equal(smaller[name], value)
 
 
 def test_models_are_restored_to_their_modes():

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,11 +22,21 @@ from graphmerge.cli.train import add_train
 
 __all__ = ["build_parser", "format_classes", "main"]
 
+# Commands that run under torchrun (several processes sharing the statistics pass).
+DISTRIBUTED = ("merge",)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graphmerge`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED:
+        print(
+            f"graphmerge {args.command}: error: only `graphmerge merge` runs under torchrun "
+            f"(WORLD_SIZE={os.environ['WORLD_SIZE']}); run {args.command} in one process",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return args.handler(args)
     except USER_ERRORS as error:

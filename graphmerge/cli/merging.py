@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import graphmerge
-from graphmerge import comparison, matching_functions, normalization, plots
+from graphmerge import comparison, distributed, matching_functions, normalization, plots
 from graphmerge.checkpoints import save_checkpoint
 from graphmerge.cli.common import HelpFormatter, format_classes
 from graphmerge.cli.sources import (
@@ -59,6 +61,12 @@ def _add_merge(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--start-at", help="first merged space (index or name)")
     parser.add_argument("--stop-at", help="first space kept unmerged (index or name)")
     parser.add_argument("--out", type=Path, required=True, help="merged checkpoint to write")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models run and statistics are kept: cpu, cuda or cuda:N (under "
+        "torchrun, cuda means each process's cuda:LOCAL_RANK)",
+    )
     parser.set_defaults(handler=run_merge)
 
 
@@ -75,7 +83,20 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    """Merge, evaluate and write; under torchrun every process takes a shard of the
+    statistics and rank 0 evaluates and writes."""
     _check_out(args.out, args.checkpoints)
+    device = distributed.device_for_rank(_device(args.device))
+    joined = distributed.init_from_environment(device)
+    try:
+        return _merge(args, device)
+    finally:
+        if joined:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _merge(args: argparse.Namespace, device: str) -> int:
     method = _method(args.method)
     normalize = _normalization(args.normalize)
     hparams = _hparams(args.set)
@@ -83,13 +104,15 @@ def run_merge(args: argparse.Namespace) -> int:
     loaders = loaders_for(sources.data_spec, sources.output_classes)
     scope = Scope(_space(args.start_at), _space(args.stop_at))
     started = time.perf_counter()
-    merger = _collect(sources, loaders, args, [method], [scope])
+    merger = _collect(sources, loaders, args, [method], [scope], device)
     collected = time.perf_counter()
     result = merger.merge(
         method, scope.start_at, scope.stop_at, _output(sources),
         normalize=normalize, loader=loaders.statistics, **hparams,
     )  # fmt: skip
     seconds = time.perf_counter() - collected
+    if not distributed.is_main():
+        return 0
     metrics = evaluate(result.model, loaders.test, tasks=sources.tasks)
     metadata = {
         "data": sources.data_spec,
@@ -109,9 +132,12 @@ def run_merge(args: argparse.Namespace) -> int:
         "graphmerge_version": graphmerge.__version__,
     }
     save_checkpoint(result.model, args.out, spec=sources.spec, metadata=metadata)
+    processes = distributed.world_size()
+    on = f" on {processes} processes" if processes > 1 else ""
     print(
-        f"merged {len(sources.models)} models with {_label(method, normalize)}: statistics "
-        f"{collected - started:.2f} s, matching, fold and normalization {seconds:.2f} s"
+        f"merged {len(sources.models)} models with {_label(method, normalize)}{on}: "
+        f"statistics {collected - started:.2f} s, matching, fold and normalization "
+        f"{seconds:.2f} s"
     )
     print(_metrics_line(metrics, sources.output_classes))
     print(f"wrote {args.out}")
@@ -266,15 +292,30 @@ def _collect(
     args: argparse.Namespace,
     methods: list[str],
     scopes: Sequence[Scope] = (),
+    device: str | None = None,
 ) -> Merger:
     """Trace, check the scopes, then one statistics pass if a method needs it."""
     example = next(iter(loaders.statistics))[0]
-    merger = Merger(sources.models, example_input=example, progress=not args.quiet)
+    merger = Merger(sources.models, example_input=example, progress=not args.quiet,
+                    device=device)  # fmt: skip
     for scope in scopes:
         merger.scope(scope.start_at, scope.stop_at)  # an unknown space fails before the pass
     if any(matching_functions.entry(method).kind != "weights" for method in methods):
         merger.collect(loaders.statistics, max_samples=args.max_samples)
     return merger
+
+
+def _device(name: str) -> str:
+    """``name`` checked: a device torch knows, and CUDA only where it is available."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return name
 
 
 def _output(sources: Sources) -> str:

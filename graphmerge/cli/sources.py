@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from graphmerge import data as gm_data
-from graphmerge import models
+from graphmerge import distributed, models
 from graphmerge.checkpoints import is_checkpoint, load_state_dict_strictly, read_file, rebuild
 from graphmerge.cli.common import add_architecture_options, parse_widths
 from graphmerge.recipes import recipe_for
@@ -196,7 +196,8 @@ class Loaders:
 
 def loaders_for(data_spec: dict[str, Any], output_classes: list[int]) -> Loaders:
     """The data of ``data_spec`` with original class ids, test labels mapped to the merged
-    model's output columns (``output_classes[column]`` is the class id)."""
+    model's output columns (``output_classes[column]`` is the class id). The statistics
+    loader reads the training split in order: under torchrun, this process's shard."""
     splits = gm_data.load(**dict(data_spec, remap_labels=False))
-    statistics = DataLoader(splits.train.dataset, batch_size=STATISTICS_BATCH, shuffle=False)
+    statistics = distributed.shard_loader(splits.train.dataset, STATISTICS_BATCH)
     return Loaders(statistics, gm_data.Relabelled(splits.test, output_classes))

@@ -25,6 +25,7 @@ from graphmerge.evaluation.metrics import (
     evaluating,
     labelled_batches,
     model_device,
+    on_device,
     run_model,
 )
 
@@ -42,5 +43,6 @@ __all__ = [
     "labelled_batches",
     "loss_barrier",
     "model_device",
+    "on_device",
     "run_model",
 ]

@@ -43,6 +43,21 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def on_device(models: Sequence[nn.Module], device: torch.device | str | None) -> list[nn.Module]:
+    """``models`` on ``device``: each one already there as it is, the others as copies
+    moved there (the caller's models are never moved). ``None`` keeps them where they are.
+    """
+    if device is None:
+        return list(models)
+    device = torch.device(device)
+    placed = []
+    for model in models:
+        here = model_device(model)
+        same = here.type == device.type and (device.index is None or here.index == device.index)
+        placed.append(model if same else copy_model(model).to(device))
+    return placed
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``, also when it holds derived tensors (torch.nn.utils.prune
     keeps ``weight = weight_orig * weight_mask`` as a plain attribute, which deepcopy

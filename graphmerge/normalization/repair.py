@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from graphmerge.evaluation import copy_model
+from graphmerge.evaluation import copy_model, model_device, on_device
 from graphmerge.graphs import ModelGraph, trace
 from graphmerge.normalization.points import FoldTarget, RepairPoint, SkippedPoint, repair_points
 from graphmerge.statistics import ChannelMoments, ReadPoint, batch_inputs, collect_moments
@@ -87,6 +87,7 @@ def repair(
     max_batches: int | None = None,
     max_samples: int | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """REPAIR: a copy of ``merged`` whose units have the mean and std of their source units.
 
@@ -101,7 +102,7 @@ def repair(
         >>> repaired = gm.normalization.repair(result.model, [a, b], result, data.train)
     """
     return _from_result(merged, models, merge_result, loader, alpha, "repair", max_batches,
-                        max_samples, progress)  # fmt: skip
+                        max_samples, progress, device)  # fmt: skip
 
 
 def rescale(
@@ -113,6 +114,7 @@ def rescale(
     max_batches: int | None = None,
     max_samples: int | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """RESCALE: as ``repair`` but scale only; every unit keeps its mean, its std is the target.
 
@@ -120,7 +122,7 @@ def rescale(
         >>> rescaled = gm.normalization.rescale(result.model, [a, b], result, data.train)
     """
     return _from_result(merged, models, merge_result, loader, alpha, "rescale", max_batches,
-                        max_samples, progress)  # fmt: skip
+                        max_samples, progress, device)  # fmt: skip
 
 
 def match_statistics(
@@ -133,6 +135,7 @@ def match_statistics(
     max_batches: int | None = None,
     max_samples: int | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """A copy of ``target_model`` whose units take the statistics of the same units of the
     reference models (averaged, or weighted by ``weights``): REPAIR after pruning,
@@ -144,7 +147,7 @@ def match_statistics(
     """
     return renormalize(
         target_model, reference_models, loader, graph, None, weights, mode, max_batches,
-        max_samples, progress,
+        max_samples, progress, device=device,
     ).model  # fmt: skip
 
 
@@ -158,6 +161,7 @@ def _from_result(
     max_batches: int | None,
     max_samples: int | None,
     progress: bool,
+    device: torch.device | str | None,
 ) -> nn.Module:
     graph, matches = getattr(merge_result, "graph", None), getattr(merge_result, "matches", None)
     if graph is None or matches is None:
@@ -169,8 +173,9 @@ def _from_result(
     if isinstance(weights, Tensor):
         weights = weights.tolist()
     return renormalize(
-        merged, models, loader, graph, matches, weights, mode, max_batches, max_samples, progress
-    ).model
+        merged, models, loader, graph, matches, weights, mode, max_batches, max_samples, progress,
+        device=device,
+    ).model  # fmt: skip
 
 
 def renormalize(
@@ -185,6 +190,7 @@ def renormalize(
     max_samples: int | None = None,
     progress: bool = True,
     reference_cache: ReferenceCache | None = None,
+    device: torch.device | str | None = None,
 ) -> Renormalized:
     """Correct ``model``'s unit statistics toward those of ``references``; returns a report.
 
@@ -194,7 +200,9 @@ def renormalize(
     replaces the merge's own 1/N per model (one per reference, summing to 1, or an
     alpha for two). ``graph`` is the references' graph (traced on the loader's first
     batch when omitted). The loader must yield the same samples at every pass
-    (no shuffling, or a full epoch) for the targets to be met exactly.
+    (no shuffling, or a full epoch) for the targets to be met exactly. The corrected
+    copy and the references run on ``device`` (default: ``model``'s own; other models
+    are copied there). Under torch.distributed every pass sums over the processes.
 
     Example:
         >>> report = renormalize(merged, [model_a, model_b], loader, result.graph,
@@ -204,9 +212,11 @@ def renormalize(
     if mode not in MODES:
         raise ValueError(f"unknown normalization mode {mode!r}: choose one of {', '.join(MODES)}")
     references = _checked_references(model, references)
+    device = model_device(model) if device is None else torch.device(device)
+    references = on_device(references, device)
     loader = _replayable(loader)
     if graph is None:
-        graph = trace(references[0], _example(loader)[:EXAMPLE_BATCH])
+        graph = trace(references[0], _example(loader)[:EXAMPLE_BATCH].to(device))
     names = list(matches) if matches is not None else [s.name for s in graph.mergeable_spaces]
     count = len(references)
     weight = None if weights is None else model_weights(weights, count)
@@ -225,7 +235,7 @@ def renormalize(
         merge_matrices[name] = merge if weight is None else reweighted(merge, weight)
     points, skipped = repair_points(graph, names)
     limits = {"max_batches": max_batches, "max_samples": max_samples, "progress": progress}
-    result = Renormalized(copy_model(model), mode, [], list(skipped), 0)
+    result = Renormalized(copy_model(model).to(device), mode, [], list(skipped), 0)
     if not points:
         return result
     reference_points = [

@@ -7,22 +7,32 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from graphmerge import distributed
 from graphmerge.evaluation import copy_model, model_device, run_model
 from graphmerge.statistics import batch_inputs
 
 
-def reset_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None) -> nn.Module:
+def reset_bn(
+    model: nn.Module,
+    loader: Iterable,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running mean/var are recomputed on ``loader``.
 
-    Cumulative average over the loader (momentum=None), one pass without gradients;
-    only the BatchNorm layers run in train mode, so dropout and everything else are
-    unaffected. The copy keeps the model's train/eval mode. A model without
-    BatchNorm comes back unchanged.
+    Cumulative average over the loader's batches (momentum=None), one pass without
+    gradients; only the BatchNorm layers run in train mode, so dropout and everything
+    else are unaffected. The copy keeps the model's train/eval mode and lives on
+    ``device`` (default: the model's). A model without BatchNorm comes back unchanged.
+    Under torch.distributed the processes' averages are combined, weighted by their
+    batch counts, so every process gets the same statistics.
 
     Example:
         >>> merged = gm.normalization.reset_bn(merged, data.train)
     """
     reset = copy_model(model)
+    if device is not None:
+        reset = reset.to(device)
     norms = [m for m in reset.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return reset
@@ -50,6 +60,21 @@ def reset_bn(model: nn.Module, loader: Iterable, max_batches: int | None = None)
             norm.momentum = momentum
         for module, training in modes.items():
             module.train(training)
-    if seen == 0:
+    if distributed.total(seen) == 0:
         raise ValueError("the loader yielded no samples: reset_bn needs data")
+    if distributed.active():
+        _combine_processes(norms)
     return reset
+
+
+def _combine_processes(norms: list[nn.Module]) -> None:
+    """Average the processes' running statistics, each weighted by its number of batches."""
+    for norm in norms:
+        if not norm.track_running_stats:
+            continue
+        batches = norm.num_batches_tracked.to(norm.running_mean.dtype)
+        sums = [norm.running_mean * batches, norm.running_var * batches, batches.clone()]
+        distributed.all_reduce_sum(sums)
+        norm.running_mean.copy_(sums[0] / sums[2].clamp_min(1))
+        norm.running_var.copy_(sums[1] / sums[2].clamp_min(1))
+        norm.num_batches_tracked.copy_(sums[2].round().long())
