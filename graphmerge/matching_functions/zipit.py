@@ -98,15 +98,18 @@ def greedy_clusters(
     members[np.arange(total), origin] = True
     alive = np.ones(total, dtype=bool)
     parent = np.arange(total)
-    budget = np.full(num_models, int(beta * fusions / num_models + 1e-9))
+    budget_size = int(beta * fusions / num_models + 1e-9)
+    budget = np.full(num_models, budget_size)
     row_best = sims.argmax(axis=1)
     row_max = sims[np.arange(total), row_best]
     for step in range(fusions):
         first = int(row_max.argmax())
         if row_max[first] == -np.inf:
             raise ValueError(
-                f"zip found no admissible pair after {step} of {fusions} fusions (alpha=0 "
-                f"blocks clusters that share a model): use alpha > 0 or a larger merged_width"
+                f"zip found no admissible pair after {step} of {fusions} fusions (every pair "
+                f"left is blocked: within-model pairs once each model's budget of "
+                f"{int(budget_size)} fusions (beta={beta}) is spent, and with alpha=0 clusters "
+                f"that share a model): use a larger beta, alpha > 0 or a larger merged_width"
             )
         second = int(row_best[first])
         keep, drop = min(first, second), max(first, second)

@@ -108,3 +108,15 @@ def test_zip_reduction_sets_width():
     stats = stats_of(torch.randn(50, 6), torch.randn(50, 6), torch.randn(50, 6))
     merge, _ = get("zip")(stats, 3, reduction=0.5)
     assert merge.shape == (9, 18)
+
+
+def test_spent_budgets_are_named_when_no_pair_is_left():
+    """N = 3: once every model's within-model budget is spent and the clusters left share
+    representatives' models, the error names the budget and beta (alpha is not 0 here)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(384, 192, generator=generator, dtype=torch.float64)
+    features = features @ torch.randn(192, 192, generator=generator, dtype=torch.float64)
+    similarity = torch.corrcoef(features.T).numpy()
+    with pytest.raises(ValueError, match=r"budget of 5 fusions \(beta=0.125\) is spent"):
+        greedy_clusters(similarity, 3, 64, 0.3, 0.125)
+    assert greedy_clusters(similarity, 3, 64, 0.3, 0.5).max() == 63  # a larger beta works
