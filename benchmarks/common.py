@@ -12,6 +12,7 @@ import platform
 import resource
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,11 +54,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_fresh_process(script: str, arguments: list[str]) -> dict:
-    """Run ``script`` with ``arguments`` in a new Python process; its last stdout line is
-    the JSON result."""
-    command = [sys.executable, script, *arguments]
-    done = subprocess.run(command, capture_output=True, text=True)
+def in_fresh_process(
+    script: str,
+    arguments: list[str],
+    launcher: Sequence[str] = (),
+    environment: dict[str, str] | None = None,
+) -> dict:
+    """Run ``script`` with ``arguments`` in a new Python process (or processes, with a
+    ``launcher`` such as ``("-m", "torch.distributed.run", ...)``); the last stdout line
+    is the JSON result."""
+    command = [sys.executable, *launcher, script, *arguments]
+    variables = None if environment is None else {**os.environ, **environment}
+    done = subprocess.run(command, capture_output=True, text=True, env=variables)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
-from common import write_json
+from common import in_fresh_process, write_json
 
 BATCH = 64
 CONFIGURATIONS = ((1, 1), (1, 2), (2, 1))  # (processes, threads per process)
@@ -55,17 +53,11 @@ def inside(samples: int, threads: int) -> dict:
 
 
 def configuration(processes: int, threads: int, samples: int) -> dict:
-    script = [__file__, "--inside", "--samples", str(samples), "--threads", str(threads)]
-    if processes == 1:
-        command = [sys.executable, *script]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", *script]  # fmt: skip
-    environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    launcher = () if processes == 1 else (
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"
+    )  # fmt: skip
+    arguments = ["--inside", "--samples", str(samples), "--threads", str(threads)]
+    return in_fresh_process(__file__, arguments, launcher, {"OMP_NUM_THREADS": str(threads)})
 
 
 def main() -> None:

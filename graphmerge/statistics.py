@@ -164,6 +164,8 @@ class ChannelMoments:
         With n_r, mean_r, m2_r per rank: mean = sum n_r mean_r / n and
         m2 = sum m2_r + n_r (mean_r - mean)^2 (the comoment with outer products).
         """
+        if not distributed.active():
+            return
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device)
         weighted = self.mean * self.count
         distributed.all_reduce_sum([count, weighted])

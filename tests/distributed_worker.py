@@ -42,6 +42,16 @@ def plain(stats: dict) -> dict:
     return {name: (s.count, s.total, s.outer) for name, s in stats.items()}
 
 
+def merges(merger: gm.Merger, loader) -> dict:
+    """Merge matrices and merged state of permute and zip, each with REPAIR."""
+    found = {}
+    for method in ("permute", "zip"):
+        result = merger.merge(method, normalize="repair", loader=loader)
+        matrices = {name: match.merge for name, match in result.matches.items()}
+        found[method] = (matrices, result.model.state_dict())
+    return found
+
+
 def run(out: Path) -> None:
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
@@ -50,7 +60,7 @@ def run(out: Path) -> None:
     a, b = models("none")
     merger = gm.Merger([a, b], example_input=next(iter(loader))[0], progress=False)
     merger.collect(loader)
-    found = {"statistics": plain(merger.statistics), "merges": {}}
+    found = {"statistics": plain(merger.statistics)}
     found["limited"] = plain(
         collect_statistics([a, b], merger.graph, loader, max_samples=LIMITED, progress=False)
     )
@@ -58,10 +68,7 @@ def run(out: Path) -> None:
     found["uneven"] = plain(  # rank 1 reads nothing: the sums are rank 0's
         collect_statistics([a, b], merger.graph, everything if rank == 0 else [], progress=False)
     )
-    for method in ("permute", "zip"):
-        result = merger.merge(method, normalize="repair", loader=loader)
-        matrices = {name: match.merge for name, match in result.matches.items()}
-        found["merges"][method] = (matrices, result.model.state_dict())
+    found["merges"] = merges(merger, loader)
     norm_a, norm_b = models("bn")
     norm_merger = gm.Merger([norm_a, norm_b], example_input=next(iter(loader))[0], progress=False)
     norm_merger.collect(loader)

@@ -55,15 +55,12 @@ def single():
     a, b = worker.models("none")
     merger = gm.Merger([a, b], example_input=next(iter(loader))[0], progress=False)
     merger.collect(loader)
-    found = {"statistics": worker.plain(merger.statistics), "merges": {}}
+    found = {"statistics": worker.plain(merger.statistics)}
     limited = collect_statistics(
         [a, b], merger.graph, loader, max_samples=worker.LIMITED, progress=False
     )
     found["limited"] = worker.plain(limited)
-    for method in ("permute", "zip"):
-        result = merger.merge(method, normalize="repair", loader=loader)
-        matrices = {name: match.merge for name, match in result.matches.items()}
-        found["merges"][method] = (matrices, result.model.state_dict())
+    found["merges"] = worker.merges(merger, loader)
     return found
 
 
