@@ -57,10 +57,16 @@ def label_of(architecture: str, kwargs: dict) -> str:
     return f"{architecture}{norm} x{kwargs.get('width_multiplier', 1)}"
 
 
+def fixed_order(data: gm.data.DataSplits) -> torch.utils.data.DataLoader:
+    """The training set in a fixed order: statistics and RESET then see the same batches
+    whatever ran before (the shuffling loader draws from torch's global random state)."""
+    return torch.utils.data.DataLoader(data.train.dataset, batch_size=data.train.batch_size)
+
+
 def with_reset(rows: list[dict], setting: str, label: str, model, data) -> None:
     """BatchNorm models: also the merged model after RESET (statistics recomputed)."""
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
-        reset = gm.normalization.reset_bn(model, data.train)
+        reset = gm.normalization.reset_bn(model, fixed_order(data))
         rows.append(row(setting, f"{label} + reset_bn", reset, data.test))
 
 
@@ -81,7 +87,7 @@ def same_task(architecture: str, kwargs: dict, epochs: int, methods) -> list[dic
     setting = f"{label_of(architecture, kwargs)} same task"
     rows = [row(setting, f"model {i}", m, data.test) for i, m in enumerate(models)]
     merger = gm.Merger(models, example_input=next(iter(data.train))[0])
-    merger.collect(data.train, progress=False)
+    merger.collect(fixed_order(data), progress=False)
     ensemble = merger.merge("identity", stop_at=0).model
     rows.append(row(setting, "ensemble", ensemble, data.test))
     for method in methods:
@@ -98,7 +104,7 @@ def disjoint(architecture: str, kwargs: dict, epochs: int, methods) -> list[dict
     full = splits_for(architecture)
     setting = f"{label_of(architecture, kwargs)} disjoint 0-4 / 5-9"
     merger = gm.Merger(models, example_input=next(iter(full.train))[0])
-    merger.collect(full.train, progress=False)  # statistics on both tasks' data
+    merger.collect(fixed_order(full), progress=False)  # statistics on both tasks' data
     rows = [row(setting, "ensemble (joint logits)", merger.merge("identity", stop_at=0,
                 output="concat").model, full.test)]  # fmt: skip
     for method in methods:

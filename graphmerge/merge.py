@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from graphmerge import matching_functions, normalization
-from graphmerge.evaluation import evaluating, model_device, on_device
+from graphmerge.evaluation import check_loader, evaluating, model_device, on_device
 from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
 from graphmerge.graphs import ModelGraph, Space, trace
 from graphmerge.resize import resized_copy
@@ -272,7 +272,13 @@ class Merger:
         """Indices [first, last) into ``spaces`` of the spaces start_at / stop_at merge."""
         first = 0 if start_at is None else self._position(start_at, "start_at")
         last = len(self.spaces) if stop_at is None else self._position(stop_at, "stop_at")
-        return first, max(first, last)
+        if first > last:
+            raise ValueError(
+                f"start_at={start_at!r} (space {first}) comes after stop_at={stop_at!r} (space "
+                f"{last}): no space would be merged; for nothing merged (the ensemble) pass "
+                "stop_at=0 alone"
+            )
+        return first, last
 
     def _position(self, key: int | str, name: str) -> int:
         count = len(self.spaces)
@@ -442,6 +448,8 @@ def merge(
         >>> pfm = gm.merge([model_a, model_b], data.train, "preserve_first", inner="zip", k=3)
     """
     check_models(models, same_device=device is None)
+    if loader is not None:
+        check_loader(loader)
     _check_normalize(normalize, loader)
     if normalize is not None and iter(loader) is loader:
         raise ValueError(

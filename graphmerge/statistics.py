@@ -22,8 +22,9 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from graphmerge import distributed
-from graphmerge.evaluation import evaluating, model_device, on_device, run_model
+from graphmerge.evaluation import check_loader, evaluating, model_device, on_device, run_model
 from graphmerge.graphs import ModelGraph, NodeKind, Space
+from graphmerge.models.layers import check_positive_int
 
 STD_EPS = 1e-8
 
@@ -207,6 +208,13 @@ def batch_inputs(batch: object) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
+    if isinstance(batch, dict):
+        keys = ", ".join(repr(key) for key in batch)
+        raise ValueError(
+            f"the loader yields dicts (keys {keys}); graphmerge needs input tensors or "
+            "(input, target) pairs: pass e.g. [(batch['image'], batch['label']) for batch in "
+            "loader], or a DataLoader whose collate_fn returns such pairs"
+        )
     raise ValueError(
         "the loader must yield input tensors or (input, target) pairs; got a batch of type "
         f"{type(batch).__name__}"
@@ -256,7 +264,7 @@ class FeatureReader:
 
     def __call__(self, inputs: Tensor) -> dict[str, Tensor]:
         """Features of every point, channel-major: (width x samples), freshly allocated."""
-        values = run_model(self._run, inputs)
+        values = run_model(self._run, inputs, self.model)
         for point in self.points:
             if values[point.name].shape[0] != point.width:
                 raise ValueError(
@@ -499,6 +507,10 @@ def input_batches(
     """The input tensors of ``loader``, at most ``max_batches`` / ``max_samples``, empty ones
     skipped, with a tqdm bar (on rank 0 only). Under torch.distributed ``max_samples``
     counts all processes: this one takes its share (``gm.distributed.local_samples``)."""
+    check_loader(loader)
+    for name, limit in (("max_batches", max_batches), ("max_samples", max_samples)):
+        if limit is not None:
+            check_positive_int(name, limit)
     max_samples = distributed.local_samples(max_samples)
     seen = 0
     total = max_batches

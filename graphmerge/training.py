@@ -23,7 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graphmerge.checkpoints import load_checkpoint, save_checkpoint
-from graphmerge.evaluation import check_labels, evaluate, labelled_batches, run_model
+from graphmerge.evaluation import (
+    check_labels,
+    evaluate,
+    labelled_batches,
+    run_model,
+    smallest_training_batch,
+)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -137,11 +143,14 @@ def _fit(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     history = []
+    smallest = smallest_training_batch(model)
     model.train()
     bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         loss_sum, correct, count = 0.0, 0, 0
         for step, (inputs, targets) in enumerate(labelled_batches(loader), start=1):
+            if inputs.shape[0] < smallest:
+                continue
             inputs, targets = inputs.to(device), targets.to(device)
             outputs = run_model(model, inputs)
             check_labels(outputs, targets)
@@ -158,6 +167,11 @@ def _fit(
             loss_sum += loss.item() * targets.numel()
             correct += (outputs.argmax(dim=1) == targets).sum().item()
             count += targets.numel()
+        if count == 0:
+            raise ValueError(
+                "the training loader yielded no samples to train on"
+                + (" (batches of at least 2 samples for BatchNorm1d)" if smallest > 1 else "")
+            )
         record = {"epoch": epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count}
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")

@@ -1,12 +1,20 @@
 """Shared fixtures: the digits data in both layouts, built once per session."""
 
 import hashlib
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 import graphmerge as gm
 from graphmerge.statistics import SpaceStatistics
+
+# Property tests: no deadline (a model's first forward pass is slow), the same examples
+# on every run (derandomized, so CI is reproducible); size bounds keep each one fast.
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # graphmerge's reference models in every normalization (name, build kwargs, input shape)
 REFERENCE_MODELS = [

@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -46,6 +50,47 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
         gm.save_checkpoint(model, path, metadata={"version": "bad"})
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
+
+
+# Writes half of a checkpoint over PATH, says so, then waits to be killed.
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    import graphmerge as gm
+
+    def slow_save(payload, handle):
+        handle.write(b"half a checkpoint")
+        handle.flush()
+        print("writing", flush=True)
+        time.sleep(600)
+
+    torch.save = slow_save
+    gm.save_checkpoint(gm.models.build("mlp", hidden=(8,), seed=1), sys.argv[1])
+    """
+)
+
+
+def test_a_save_killed_midway_leaves_the_old_checkpoint_in_place(tmp_path):
+    """SIGKILL runs no cleanup: the old file stays whole and loadable; what is left is a
+    hidden temporary file beside it (.model.pt.*.tmp), never a truncated model.pt."""
+    path = tmp_path / "model.pt"
+    model = gm.models.build("mlp", hidden=(8,), seed=0)
+    gm.save_checkpoint(model, path)
+    good = path.read_bytes()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+        writer.stdout.close()
+    assert writer.returncode == -signal.SIGKILL
+    assert path.read_bytes() == good
+    assert_same_state(gm.load_checkpoint(path).model, model)
+    leftovers = sorted(name for name in os.listdir(tmp_path) if name != "model.pt")
+    assert len(leftovers) == 1 and leftovers[0].startswith(".model.pt.")
 
 
 def test_plain_state_dict_is_not_mistaken_for_a_checkpoint(tmp_path):

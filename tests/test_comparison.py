@@ -226,7 +226,9 @@ def test_scope_resolves_indices_and_names(same_task):
     assert merger.scope(1, None) == (1, 2)
     assert merger.scope(None, "layers.fc2") == (0, 1)
     assert merger.scope("layers.fc2", 2) == (1, 2)
-    assert merger.scope(2, 1) == (2, 2)  # an empty scope, not a reversed one
+    assert merger.scope(2, 2) == (2, 2)  # nothing merged, as asked
+    with pytest.raises(ValueError, match=r"start_at=2 \(space 2\) comes after stop_at=1"):
+        merger.scope(2, 1)  # a reversed scope is a mistake, not an empty one
     with pytest.raises(ValueError, match=r"start_at=5 is out of range.*0\.\.2"):
         merger.scope(5, None)
     with pytest.raises(ValueError, match="stop_at='fc2' is not a mergeable space"):

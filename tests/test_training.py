@@ -106,3 +106,15 @@ def test_evaluate_restores_train_mode_and_counts_correctly(digits_flat):
     assert metrics["loss"] == pytest.approx(
         torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5
     )
+
+
+def test_one_sample_batches_are_left_out_under_batchnorm1d():
+    """A loader's last batch of one sample would make BatchNorm1d fail in train mode."""
+    model = gm.models.build("mlp", hidden=(8,), norm="bn", seed=0)
+    x, y = torch.randn(33, 64), torch.randint(0, 10, (33,))
+    fixed = {"epochs": 1, "schedule": "constant", "warmup_epochs": 0, "progress": False}
+    full = gm.training.train(model, [(x[:32], y[:32]), (x[32:], y[32:])], **fixed)
+    cut = gm.training.train(model, [(x[:32], y[:32])], **fixed)
+    assert_same_state(full.model, cut.model)
+    with pytest.raises(ValueError, match=r"no samples to train on \(batches of at least 2"):
+        gm.training.train(model, [(x[:1], y[:1])], epochs=1, progress=False)

@@ -19,6 +19,7 @@ from graphmerge.evaluation.curves import (
 from graphmerge.evaluation.ensemble import Ensemble
 from graphmerge.evaluation.metrics import (
     check_labels,
+    check_loader,
     check_logits,
     copy_model,
     evaluate,
@@ -27,6 +28,7 @@ from graphmerge.evaluation.metrics import (
     model_device,
     on_device,
     run_model,
+    smallest_training_batch,
 )
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "accuracy_barrier",
     "alpha_grid",
     "check_labels",
+    "check_loader",
     "check_logits",
     "copy_model",
     "evaluate",
@@ -45,4 +48,5 @@ __all__ = [
     "model_device",
     "on_device",
     "run_model",
+    "smallest_training_batch",
 ]

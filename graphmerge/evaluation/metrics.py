@@ -70,8 +70,24 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def check_loader(loader: object) -> None:
+    """A clear error for what cannot serve as a loader: a bare tensor, or no iterable at all."""
+    if isinstance(loader, Tensor):
+        raise TypeError(
+            f"the loader is a single tensor of shape {tuple(loader.shape)}: iterating it would "
+            "yield samples without their batch axis; pass [tensor] (one batch), a list of "
+            "batches or a DataLoader"
+        )
+    if not isinstance(loader, Iterable):
+        raise TypeError(
+            "the loader must be an iterable of batches (a DataLoader, or a list of input tensors "
+            f"or (input, target) pairs), got an object of type {type(loader).__name__}"
+        )
+
+
 def labelled_batches(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (inputs, targets) from a loader of (inputs, targets, ...) tuples; explain others."""
+    check_loader(loader)
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(
@@ -81,15 +97,43 @@ def labelled_batches(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
         yield batch[0], batch[1]
 
 
-def run_model(model: Callable[[Tensor], Any], inputs: Tensor) -> Any:
-    """``model(inputs)``, with an error that names the input shape when the model rejects it."""
+def run_model(
+    model: Callable[[Tensor], Any], inputs: Tensor, module: nn.Module | None = None
+) -> Any:
+    """``model(inputs)``, with an error that names the input shape (or dtype) when the model
+    rejects it; ``module`` is the nn.Module behind ``model`` when that is a plain function."""
     try:
         return model(inputs)
     except RuntimeError as error:
+        module = module if module is not None else model
         raise ValueError(
-            f"the model cannot run on inputs of shape {tuple(inputs.shape)} "
-            f"(does the data layout fit the model?): {error}"
+            f"the model cannot run on inputs of shape {tuple(inputs.shape)} and dtype "
+            f"{inputs.dtype}: {error}. {input_hint(module, [inputs], error)}"
         ) from error
+
+
+def smallest_training_batch(model: nn.Module) -> int:
+    """The fewest samples a batch needs to run ``model`` in train mode: 2 with a BatchNorm1d
+    (it cannot normalize one flat sample; such batches, a loader's last one say, are left
+    out), else 1."""
+    return 2 if any(isinstance(module, nn.BatchNorm1d) for module in model.modules()) else 1
+
+
+def input_hint(model: object, inputs: Sequence[object], error: Exception) -> str:
+    """What to change when ``model`` rejects ``inputs``: their dtype where it differs from
+    the model's floating-point parameters and the error is about dtypes, else their layout."""
+    parameters = model.parameters() if isinstance(model, nn.Module) else []
+    dtypes = {p.dtype for p in parameters if p.is_floating_point()}
+    message = str(error).lower()
+    if len(dtypes) == 1 and ("dtype" in message or "scalar type" in message):
+        (dtype,) = dtypes
+        for tensor in inputs:
+            if isinstance(tensor, Tensor) and tensor.dtype != dtype:
+                return (
+                    f"The inputs are {tensor.dtype} but the model's parameters are {dtype}: "
+                    f"convert the data (e.g. inputs.to({dtype})) or the model."
+                )
+    return "Pass batches shaped like the model's training data (does the layout fit?)."
 
 
 def check_logits(outputs: Tensor, targets: Tensor) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from graphmerge.evaluation import evaluating
+from graphmerge.evaluation.metrics import evaluating, input_hint
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
 from graphmerge.graphs.rules import apply_module, is_known_module, module_category, spatial
 from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
@@ -174,7 +174,7 @@ def _propagate_shapes(module: fx.GraphModule, model: nn.Module, inputs: tuple) -
         shapes = shapes if len(inputs) == 1 else f"({shapes})"
         raise ValueError(
             f"the example input {shapes} does not fit {type(model).__name__}: {error}. "
-            "Pass a batch shaped like the model's training data."
+            f"{input_hint(model, inputs, error)}"
         ) from error
     ShapeProp(module).propagate(*inputs)
 

@@ -23,6 +23,7 @@ PAPER = (
     "Ainsworth et al. 2023, Git Re-Basin: Merging Models modulo Permutation Symmetries, ICLR "
     "(weight matching; MergeMany for N > 2)"
 )
+STARTS = ("sequential", "identity")
 State = Mapping[str, Tensor]
 Permutations = dict[str, Tensor]
 
@@ -48,6 +49,7 @@ def weight_matching(
     spaces: Sequence[str] | None = None,
     seed: int = 0,
     max_sweeps: int = 100,
+    start: str = "sequential",
 ) -> WeightMatching:
     """Permute models 1.. onto model 0 by coordinate descent on sum_params <W_0, P(W_i)>.
 
@@ -60,14 +62,25 @@ def weight_matching(
         spaces: names of the spaces to permute (default: every mergeable space).
         seed: the seed of the visiting order.
         max_sweeps: the most sweeps over all spaces (or rounds of MergeMany).
+        start: where the descent starts. "sequential" (default) solves the spaces once
+            in topological order, each from the parameters whose other axes are fixed or
+            already solved: a permuted copy is recovered exactly at this step, where the
+            descent from "identity" (the published algorithm) can stop in a local optimum
+            (e.g. an MLP whose first layer has 2 units). MergeMany (N > 2) starts every
+            model at the identity.
     """
     _check(states, max_sweeps)
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     if len(states) > 2:
         return merge_many(states, graph, spaces, seed=seed, max_rounds=max_sweeps)
     problem = _Problem(graph, spaces)
     tensors = [problem.tensors(state) for state in states]
     generator = torch.Generator().manual_seed(seed)
-    permutations, objective, sweeps = problem.align(tensors[0], tensors[1], generator, max_sweeps)
+    first = problem.sequential(*tensors) if start == "sequential" else None
+    permutations, objective, sweeps = problem.align(
+        tensors[0], tensors[1], generator, max_sweeps, start=first
+    )
     return WeightMatching(problem.per_model([problem.identity(), permutations]), objective, sweeps)
 
 
@@ -129,6 +142,7 @@ class _Problem:
         mergeable = {space.name: space for space in graph.mergeable_spaces}
         names = list(mergeable) if spaces is None else list(spaces)
         unknown = [name for name in names if name not in mergeable]
+        names = [name for name in mergeable if name in names]  # topological order
         if unknown:
             raise ValueError(
                 f"weight matching cannot permute {unknown}: not mergeable spaces of this graph"
@@ -139,6 +153,11 @@ class _Problem:
         }
         params = {block.param for blocks in self.blocks.values() for block in blocks}
         self.param_axes = {param: graph.param_axes[param] for param in params}
+        # The permuted spaces each parameter touches (the others are fixed).
+        self.spaces_of = {
+            param: {name for name, _ in axes if name in self.widths}
+            for param, axes in self.param_axes.items()
+        }
 
     def identity(self) -> Permutations:
         return {name: torch.arange(width) for name, width in self.widths.items()}
@@ -163,13 +182,34 @@ class _Problem:
             for param, tensor in tensors.items()
         }
 
-    def cost(self, target: Mapping[str, Tensor], other: Mapping[str, Tensor], space: str) -> Tensor:
-        """cost[j, k] = sum over the space's blocks of target row j . other row k."""
+    def cost(
+        self,
+        target: Mapping[str, Tensor],
+        other: Mapping[str, Tensor],
+        space: str,
+        blocks: Sequence[ParamAxis] | None = None,
+    ) -> Tensor:
+        """cost[j, k] = sum over the space's blocks (or just ``blocks``) of target row j . other
+        row k."""
         width = self.widths[space]
         total = torch.zeros(width, width, dtype=torch.float64)
-        for block in self.blocks[space]:
+        for block in self.blocks[space] if blocks is None else blocks:
             total += _rows(target[block.param], block) @ _rows(other[block.param], block).T
         return total
+
+    def sequential(self, target: Mapping[str, Tensor], other: Mapping[str, Tensor]) -> Permutations:
+        """Each space solved once, in topological order, from the blocks of the parameters
+        whose other axes are fixed or already solved (a permuted copy: exactly)."""
+        permutations = self.identity()
+        solved: set[str] = set()
+        for space in self.widths:
+            blocks = [b for b in self.blocks[space] if self.spaces_of[b.param] <= solved | {space}]
+            if blocks:
+                touching = {block.param: other[block.param] for block in blocks}
+                moved = self.permuted(touching, permutations, skip=space)
+                permutations[space] = _assignment(self.cost(target, moved, space, blocks))
+            solved.add(space)
+        return permutations
 
     def align(
         self,
@@ -189,8 +229,7 @@ class _Problem:
                 space = names[position]
                 touching = {block.param: other[block.param] for block in self.blocks[space]}
                 cost = self.cost(target, self.permuted(touching, permutations, skip=space), space)
-                rows, columns = linear_sum_assignment(cost.numpy(), maximize=True)
-                found = torch.as_tensor(columns)[torch.as_tensor(rows).argsort()]
+                found = _assignment(cost)
                 units = torch.arange(cost.shape[0])
                 new, old = cost[units, found].sum(), cost[units, permutations[space]].sum()
                 if new > old + 1e-12 * max(1.0, abs(float(old))):
@@ -204,6 +243,12 @@ class _Problem:
 
     def per_model(self, permutations: Sequence[Permutations]) -> dict[str, list[Tensor]]:
         return {name: [perm[name] for perm in permutations] for name in self.widths}
+
+
+def _assignment(cost: Tensor) -> Tensor:
+    """The permutation k -> found[k] maximising sum_k cost[k, found[k]]."""
+    rows, columns = linear_sum_assignment(cost.numpy(), maximize=True)
+    return torch.as_tensor(columns)[torch.as_tensor(rows).argsort()]
 
 
 def _rows(tensor: Tensor, block: ParamAxis) -> Tensor:

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from graphmerge import distributed
-from graphmerge.evaluation import copy_model, model_device, run_model
+from graphmerge.evaluation import (
+    check_loader,
+    copy_model,
+    model_device,
+    run_model,
+    smallest_training_batch,
+)
 from graphmerge.statistics import batch_inputs
 
 
@@ -25,11 +31,14 @@ def reset_bn(
     else are unaffected. The copy keeps the model's train/eval mode and lives on
     ``device`` (default: the model's). A model without BatchNorm comes back unchanged.
     Under torch.distributed the processes' averages are combined, weighted by their
-    batch counts, so every process gets the same statistics.
+    batch counts, so every process gets the same statistics. With a BatchNorm1d, batches
+    of one sample (a loader's last batch, say) are left out: in train mode it cannot
+    normalize a single sample.
 
     Example:
         >>> merged = gm.normalization.reset_bn(merged, data.train)
     """
+    check_loader(loader)
     reset = copy_model(model)
     if device is not None:
         reset = reset.to(device)
@@ -44,6 +53,7 @@ def reset_bn(
         norm.reset_running_stats()
         norm.momentum = None
         norm.train()
+    smallest = smallest_training_batch(reset)
     seen = 0
     try:
         with torch.no_grad():
@@ -51,7 +61,7 @@ def reset_bn(
                 if max_batches is not None and index >= max_batches:
                     break
                 inputs = batch_inputs(batch).to(device)
-                if inputs.shape[0] == 0:
+                if inputs.shape[0] < smallest:
                     continue
                 run_model(reset, inputs)
                 seen += inputs.shape[0]
@@ -61,7 +71,10 @@ def reset_bn(
         for module, training in modes.items():
             module.train(training)
     if distributed.total(seen) == 0:
-        raise ValueError("the loader yielded no samples: reset_bn needs data")
+        raise ValueError(
+            "the loader yielded no samples: reset_bn needs data"
+            + (" (batches of at least 2 samples for BatchNorm1d)" if smallest > 1 else "")
+        )
     if distributed.active():
         _combine_processes(norms)
     return reset

@@ -40,6 +40,22 @@ def test_recovers_random_permutation_exactly(name, kwargs, shape):
         assert relative_error(model.eval()(x), merged.eval()(x)) < 1e-5
 
 
+def test_the_sequential_start_escapes_the_local_optimum_of_the_identity_start():
+    """A first layer of 2 units: from the identity, coordinate descent settles with them
+    swapped (the published start); solving the spaces in order recovers the copy."""
+    model = gm.models.build("mlp", hidden=(2, 8), seed=2)
+    graph = trace(model, torch.randn(2, 64))
+    perms = graph.random_permutations(seed=2)
+    states = [model.state_dict(), graph.permute(perms, model).state_dict()]
+    best = weight_matching([states[0], states[0]], graph).objective[-1]  # sum of |W_0|^2
+    stuck = weight_matching(states, graph, start="identity")
+    assert stuck.objective[-1] < 0.8 * best
+    found = weight_matching(states, graph)  # start="sequential"
+    assert found.objective[-1] == pytest.approx(best, rel=1e-12)
+    for space, (_, second) in found.permutations.items():
+        assert torch.equal(second, perms[space].argsort()), space
+
+
 def test_only_biases_carry_the_signal():
     # identical rows in, identical columns out: the weights cannot tell units apart,
     # so only the outer product of the biases (not a scalar dot product) can
@@ -97,6 +113,8 @@ def test_bad_arguments():
         weight_matching(states, graph, spaces=["nonsense"])
     with pytest.raises(ValueError, match="max_sweeps must be a positive integer"):
         weight_matching(states, graph, max_sweeps=0)
+    with pytest.raises(ValueError, match="start must be one of sequential, identity, got 'x'"):
+        weight_matching(states, graph, start="x")
     with pytest.raises(ValueError, match="at least 2 models"):
         weight_matching(states[:1], graph)
     with pytest.raises(ValueError, match="no hyper-parameter gamma"):

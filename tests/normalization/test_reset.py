@@ -55,3 +55,18 @@ def test_reset_bn_names_a_wrong_input_shape_and_copies_pruned_models():
     reset = gm.normalization.reset_bn(model, [torch.randn(8, 3, 8, 8)])
     assert state_hash(model) == before
     assert torch.equal(reset.conv1.weight_mask, model.conv1.weight_mask)
+
+
+def test_one_sample_batches_are_left_out_under_batchnorm1d_only():
+    """A loader's last batch of one sample would make BatchNorm1d fail in train mode."""
+    flat = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    x = torch.randn(21, 4)
+    with_last = gm.normalization.reset_bn(flat, [x[:10], x[10:20], x[20:]])
+    without = gm.normalization.reset_bn(flat, [x[:10], x[10:20]])
+    assert torch.equal(with_last[1].running_mean, without[1].running_mean)
+    assert with_last[1].num_batches_tracked == 2
+    with pytest.raises(ValueError, match=r"no samples: .*at least 2 samples for BatchNorm1d"):
+        gm.normalization.reset_bn(flat, [x[:1]])
+    image = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
+    single = gm.normalization.reset_bn(image, [torch.randn(1, 2, 4, 4)])  # 16 values a channel
+    assert single[1].num_batches_tracked == 1

@@ -1,0 +1,249 @@
+"""The catalogue of bad inputs: each one raises an error of a known type whose message names
+the problem and the fix. The README section "Reliability" lists the same catalogue.
+
+Also the inputs that look wrong but are handled: models in train mode, loaders of lists
+and of empty batches, spaces of width 1.
+"""
+
+import pytest
+import torch
+from conftest import state_hash
+
+import graphmerge as gm
+from graphmerge.evaluation import on_device
+from graphmerge.matching_functions import registry
+
+NAN = float("nan")
+
+
+def inputs(samples: int = 64) -> torch.Tensor:
+    return torch.randn(samples, 64, generator=torch.Generator().manual_seed(0))
+
+
+def loader() -> list[torch.Tensor]:
+    x = inputs()
+    return [x[:32], x[32:]]
+
+
+def mlp(seed: int = 0, hidden: tuple[int, ...] = (16, 8)) -> torch.nn.Module:
+    return gm.models.build("mlp", hidden=hidden, norm="bn", seed=seed)
+
+
+def pair() -> list[torch.nn.Module]:
+    return [mlp(0), mlp(1)]
+
+
+def merge(models=None, data=None, *args, **kwargs):
+    """gm.merge with the default pair and loader, without progress bars."""
+    models = pair() if models is None else models
+    return gm.merge(models, loader() if data is None else data, *args, progress=False, **kwargs)
+
+
+def with_value(key: str, value: float) -> torch.nn.Module:
+    """Model 1 of the pair with one entry of ``key`` set to ``value``."""
+    model = mlp(1)
+    with torch.no_grad():
+        model.state_dict()[key].view(-1)[0] = value
+    return model
+
+
+def edited_checkpoint(path, edit) -> None:
+    """A checkpoint of an MLP at ``path``, its state_dict changed by ``edit``."""
+    gm.save_checkpoint(mlp(), path)
+    payload = torch.load(path, weights_only=True)
+    edit(payload["state_dict"])
+    torch.save(payload, path)
+    gm.load_checkpoint(path)
+
+
+def truncated_checkpoint(path) -> None:
+    gm.save_checkpoint(mlp(), path)
+    path.write_bytes(path.read_bytes()[:200])
+    gm.load_checkpoint(path)
+
+
+def collected_merger() -> gm.Merger:
+    merger = gm.Merger(pair(), example_input=inputs(), progress=False)
+    merger.collect(loader())
+    return merger
+
+
+# (what is wrong, the call given tmp_path, the error type, a regex its message matches)
+CATALOGUE = [
+    # the models
+    ("one model", lambda _: merge([mlp()]), ValueError, r"merging needs at least 2 models"),
+    ("a model, not a list", lambda _: merge(mlp()), ValueError, r"needs at least 2 models"),
+    ("not an nn.Module", lambda _: merge([mlp(), None]), TypeError,
+     r"model 1 is a NoneType, not an nn.Module"),
+    ("different classes", lambda _: merge([mlp(), gm.models.build("resnet20")]), ValueError,
+     r"model 1 is a ResNet20 but model 0 is a MLP: merge models of the same architecture"),
+    ("different widths", lambda _: merge([mlp(), mlp(1, hidden=(12, 8))]), ValueError,
+     r"layers\.fc1\.weight has shape \(12, 64\) in model 1 but \(16, 64\) in model 0: merge "
+     r"models of the same architecture and width"),
+    ("different depths", lambda _: merge([mlp(), mlp(1, hidden=(16, 8, 8))]), ValueError,
+     r"model 1 has different parameters than model 0 \(missing \[\], extra "
+     r"\['layers\.fc3\.bias'.*same architecture"),
+    ("NaN weight", lambda _: merge([mlp(), with_value("layers.fc1.weight", NAN)]), ValueError,
+     r"layers\.fc1\.weight of model 1 contains NaN or Inf values"),
+    ("Inf BatchNorm buffer",
+     lambda _: merge([mlp(), with_value("layers.norm2.running_var", float("inf"))]),
+     ValueError, r"layers\.norm2\.running_var of model 1 contains NaN or Inf values"),
+    ("models on two devices",
+     lambda _: gm.Merger([mlp(), *on_device([mlp(1)], "meta")], example_input=inputs()),
+     ValueError, r"layers\.fc1\.weight is on meta in model 1 but on cpu in model 0: move the "
+     r"models to one device, or pass device="),
+    # checkpoints
+    ("checkpoint missing a key", lambda tmp: edited_checkpoint(
+        tmp / "m.pt", lambda state: state.pop("head.bias")), ValueError,
+     r"do not fit the architecture: missing keys \(1\): head\.bias"),
+    ("checkpoint with an extra key", lambda tmp: edited_checkpoint(
+        tmp / "m.pt", lambda state: state.update(extra=torch.zeros(1))), ValueError,
+     r"do not fit the architecture: unexpected keys \(1\): extra"),
+    ("truncated checkpoint", lambda tmp: truncated_checkpoint(tmp / "m.pt"), ValueError,
+     r"m\.pt is not a readable PyTorch file"),
+    # the data
+    ("empty loader", lambda _: merge(data=[]), ValueError,
+     r"the loader yielded no batches: merging needs data"),
+    ("only empty batches", lambda _: merge(data=[inputs()[:0]] * 2), ValueError,
+     r"the loader yielded no samples: statistics need data"),
+    ("dict batches", lambda _: merge(data=[{"image": inputs(), "label": 0}]), ValueError,
+     r"the loader yields dicts \(keys 'image', 'label'\).*\(batch\['image'\], batch\['label'\]\)"),
+    ("batches of no tensor", lambda _: merge(data=[[1.0, 2.0]]), ValueError,
+     r"must yield input tensors or \(input, target\) pairs; got a batch of type list"),
+    ("a tensor, not a loader", lambda _: merge(data=inputs()), TypeError,
+     r"the loader is a single tensor of shape \(64, 64\).*pass \[tensor\] \(one batch\)"),
+    ("not iterable", lambda _: merge(data=5), TypeError,
+     r"the loader must be an iterable of batches .*got an object of type int"),
+    ("one-shot iterator, read twice", lambda _: merge(data=iter(loader()), normalize="reset"),
+     ValueError, r"give a DataLoader or a list of batches, not a one-shot iterator"),
+    ("wrong input shape", lambda _: merge(data=[torch.zeros(8, 32)]), ValueError,
+     r"the example input \(8, 32\) does not fit MLP: .*Pass batches shaped like the model's "
+     r"training data"),
+    ("wrong shape in a later batch", lambda _: merge(data=[inputs(), torch.zeros(8, 32)]),
+     ValueError, r"the model cannot run on inputs of shape \(8, 32\) and dtype torch\.float32"),
+    ("wrong dtype", lambda _: merge(data=[inputs().double()]), ValueError,
+     r"The inputs are torch\.float64 but the model's parameters are torch\.float32: convert "
+     r"the data"),
+    ("NaN features", lambda _: merge(data=[inputs() * NAN]), FloatingPointError,
+     r"non-finite features \(NaN or Inf\) in space 'layers\.fc1': check the models' weights "
+     r"and the data"),
+    ("features overflowing to Inf", lambda _: merge(data=[inputs() * 1e36]), FloatingPointError,
+     r"non-finite features \(NaN or Inf\) in space 'layers\.fc1'"),
+    ("no samples allowed", lambda _: merge(max_samples=0), ValueError,
+     r"max_samples must be a whole number >= 1, got 0"),
+    ("a data method without data", lambda _: gm.merge(pair(), None, "permute"), ValueError,
+     r"method 'permute' needs a data loader for its feature statistics"),
+    # the method and its options
+    ("unknown method", lambda _: merge(method="zipp"), ValueError,
+     r"unknown matching function 'zipp'; available: cca, identity, .* Did you mean 'zip'\?"),
+    ("unknown normalization", lambda _: merge(normalize="repiar"), ValueError,
+     r"unknown normalization 'repiar': choose one of reset, repair, rescale"),
+    ("normalization without data", lambda _: gm.merge(
+        pair(), None, "weight_matching", normalize="repair", example_input=inputs()),
+     ValueError, r"normalize='repair' needs data: pass loader="),
+    ("unknown hyper-parameter", lambda _: merge(method="zip", alhpa=0.1), ValueError,
+     r"matching function 'zip' has no hyper-parameter alhpa; it accepts: merged_width, "
+     r"reduction, alpha, beta"),
+    ("NaN hyper-parameter", lambda _: merge(method="zip", alpha=NAN), ValueError,
+     r"zip on space 'layers\.fc1': zip needs 0 <= alpha <= 1, got nan"),
+    ("merged width out of range", lambda _: merge(method="zip", merged_width=100), ValueError,
+     r"zip on space 'layers\.fc1': merged_width=100 is outside"),
+    ("unknown output", lambda _: merge(output="sum"), ValueError,
+     r"output must be one of average, concat, got 'sum'"),
+    ("wrong number of weights", lambda _: merge(weights=[0.2, 0.3, 0.5]), ValueError,
+     r"got 3 weights for 2 models: give one per model"),
+    ("start_at out of range", lambda _: merge(start_at=7), ValueError,
+     r"start_at=7 is out of range: this graph has 2 mergeable spaces, so start_at must be an "
+     r"index in 0\.\.2 or a space name"),
+    ("stop_at negative", lambda _: merge(stop_at=-1), ValueError, r"stop_at=-1 is out of range"),
+    ("start_at names no space", lambda _: merge(start_at="fc9"), ValueError,
+     r"start_at='fc9' is not a mergeable space; mergeable: layers\.fc1, layers\.fc2"),
+    ("start_at after stop_at", lambda _: merge(start_at=2, stop_at=1), ValueError,
+     r"start_at=2 \(space 2\) comes after stop_at=1 \(space 1\): no space would be merged"),
+    ("merge before collect",
+     lambda _: gm.Merger(pair(), example_input=inputs(), progress=False).merge("permute"),
+     ValueError, r"method 'permute' needs feature statistics: call collect\(loader\) first"),
+    ("a Merger with nothing to trace", lambda _: gm.Merger(pair()), ValueError,
+     r"Merger needs a graph or an example_input to trace the models"),
+    ("a hyper-parameter of another method", lambda _: collected_merger().merge("cca", alpha=0.5),
+     ValueError, r"matching function 'cca' has no hyper-parameter alpha; it accepts: gamma"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [pytest.param(call, error, message, id=what) for what, call, error, message in CATALOGUE],
+)
+def test_bad_input_gets_a_clear_error(call, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        call(tmp_path)
+
+
+def test_models_in_train_mode_are_read_in_eval_mode_and_left_as_they_were():
+    trained = pair()
+    for model in trained:
+        model.train()
+    trained[0].layers.norm1.eval()  # one submodule in its own mode
+    before = [state_hash(model) for model in trained]
+    merged = merge(trained, method="permute", normalize="repair")
+    assert [state_hash(model) for model in trained] == before  # BatchNorm stats untouched
+    assert trained[0].training and not trained[0].layers.norm1.training
+    assert trained[1].training and trained[1].layers.norm1.training
+    assert state_hash(merge(pair(), method="permute", normalize="repair")) == state_hash(merged)
+
+
+def test_lists_and_empty_batches_are_read_like_tensors():
+    x = inputs()
+    expected = state_hash(merge(data=[x[:32], x[32:]]))
+    labels = torch.zeros(32, dtype=torch.long)
+    assert state_hash(merge(data=[[x[:32], labels], (x[32:], labels)])) == expected
+    assert state_hash(merge(data=[[x[:32]], x[:0], [x[32:]]])) == expected
+
+
+@pytest.mark.filterwarnings("ignore:merging made BatchNorm running variances")  # CCA's sign
+@pytest.mark.parametrize("method", ["identity", "permute", "zip", "cca", "weight_matching"])
+def test_spaces_of_width_one_merge_by_every_method(method):
+    """A layer of one unit is a space of width 1: every method merges it (its only
+    matching is the unit with the unit) into a model that runs and stays finite."""
+    models = [mlp(seed, hidden=(1, 8)) for seed in (0, 1)]
+    merger = gm.Merger(models, example_input=inputs(), progress=False)
+    merger.collect(loader())
+    result = merger.merge(method)
+    match = result.matches["layers.fc1"]
+    expected = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    if method != "cca":  # CCA maps model 1's unit by its scale, not 1
+        torch.testing.assert_close(match.merge, expected)
+    assert match.merge.shape == (1, 2) and match.unmerge.shape == (2, 1)
+    with torch.no_grad():
+        assert torch.isfinite(result.model.eval()(inputs())).all()
+
+
+def nan_matrices(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((width, 2 * width), NAN), torch.ones(2 * width, width)
+
+
+def square_matrices(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(width, width), torch.ones(width, width)
+
+
+@pytest.mark.parametrize(
+    ("returned", "error", "message"),
+    [
+        (nan_matrices, FloatingPointError, r"broken returned NaN or Inf for space 'layers\.fc1'"),
+        (square_matrices, ValueError, r"broken returned merge \(16, 16\) and unmerge \(16, 16\) "
+         r"for space 'layers\.fc1'; expected \(d', 32\) and \(32, d'\)"),
+    ],
+    ids=["NaN", "wrong shapes"],
+)  # fmt: skip
+def test_a_matching_function_returning_bad_matrices_is_refused(
+    returned, error, message, monkeypatch
+):
+    """Your own matching function is checked like the built-in ones, before any fold."""
+
+    def broken(stats, num_models):
+        return returned(stats.mean.shape[0] // num_models)
+
+    entry = registry.Entry("broken", broken, "features", "")
+    monkeypatch.setitem(registry._REGISTRY, "broken", entry)
+    with pytest.raises(error, match=message):
+        merge(method="broken")
