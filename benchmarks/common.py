@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from graphmerge._atomic import atomic_write
+
 
 def machine() -> dict:
     """The machine and software a figure came from."""
@@ -43,10 +45,8 @@ def write_json(path: str | None, rows: list[dict], **settings: object) -> None:
     if not path:
         return
     payload = {"machine": machine(), **settings, "rows": rows}
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(target)
+    with atomic_write(path, "w") as handle:
+        handle.write(json.dumps(payload, indent=2))
 
 
 def peak_rss_mib() -> float:
