@@ -1,10 +1,10 @@
 """Property tests over random architectures (hypothesis): tracing and merging are exact.
 
-Every property runs on at least 50 drawn MLPs and small CNNs (see
-``random_architectures``): random depth and widths, BatchNorm / LayerNorm / none,
-residual adds, concatenations. The profile (conftest) is deadline-free and
-derandomized, so CI sees the same examples every run; ``HYPOTHESIS_PROFILE=thorough``
-draws 1000 fresh ones.
+Every property runs on 100 drawn MLPs and small CNNs (see ``random_architectures``):
+random depth and widths, BatchNorm / LayerNorm / none, residual adds, concatenations;
+plus, as explicit examples, the cases it once failed. The profile (conftest) is
+deadline-free and derandomized, so CI sees the same examples every run;
+``HYPOTHESIS_PROFILE=thorough`` draws 1000 fresh ones.
 """
 
 import torch
