@@ -10,6 +10,7 @@ their axes as they are: the parameter is then averaged over the models.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -17,10 +18,51 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:  # graphs imports fold: a runtime import here would be circular
     from graphmerge.graphs.spaces import ParamAxis
+
+
+def state_tensors(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
+    """Every tensor a merge carries: the state_dict, then the buffers registered with
+    ``persistent=False`` (index tables, position ids), which the state_dict leaves out.
+
+    Example:
+        >>> sorted(state_tensors(nn.BatchNorm1d(2)))
+        ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
+    """
+    tensors = dict(model.state_dict(keep_vars=keep_vars))
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name in sorted(module._non_persistent_buffers_set):
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                tensors[f"{path}.{name}" if path else name] = (
+                    buffer if keep_vars else buffer.detach()
+                )
+    return tensors
+
+
+def loaded_copy(template: nn.Module, tensors: Mapping[str, Tensor]) -> nn.Module:
+    """A deep copy of ``template`` holding ``tensors`` (named as by ``state_tensors``).
+
+    Tensors are set directly rather than through ``load_state_dict``, so shapes may change
+    and no loading hook runs (torchvision's MNASNet refuses a state dict without its
+    version metadata); a buffer missing from ``tensors`` keeps the template's value.
+    """
+    model = copy.deepcopy(template)
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and prefix + name in tensors:
+                value = tensors[prefix + name].to(parameter.dtype)
+                module._parameters[name] = nn.Parameter(
+                    value, requires_grad=parameter.requires_grad
+                )
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and prefix + name in tensors:
+                module._buffers[name] = tensors[prefix + name].to(buffer.dtype).clone()
+    return model
 
 
 @dataclass(frozen=True)
@@ -92,6 +134,8 @@ def fold_tensors(
     for space, block in param_axes:
         if space in maps:
             by_axis[block.axis].append((space, block))
+    if not by_axis and all(torch.equal(tensors[0], tensor) for tensor in tensors[1:]):
+        return tensors[0].clone()  # shared by every model (tables, masks): kept exactly
     weighted = any(block.role == "out" for blocks in by_axis.values() for _, block in blocks)
     total: Tensor | None = None
     for model, tensor in enumerate(tensors):

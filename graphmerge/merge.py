@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from graphmerge import matching_functions, normalization
 from graphmerge.evaluation import check_loader, evaluating, model_device, on_device
-from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
+from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts, state_tensors
 from graphmerge.graphs import ModelGraph, Space, trace
 from graphmerge.resize import resized_copy
 from graphmerge.statistics import SpaceStatistics, batch_inputs, collect_statistics
@@ -178,7 +178,7 @@ class Merger:
         details: dict[str, object] = {}
         permutations: dict[str, list[Tensor]] = {}
         if entry.kind == "weights" and merged:
-            states = [model.state_dict() for model in self.models]
+            states = [state_tensors(model) for model in self.models]
             found = entry.function(states, self.graph, spaces=merged, **hparams)
             permutations = found.permutations
             details = {"objective": found.objective, "sweeps": found.sweeps}
@@ -310,7 +310,7 @@ class Merger:
             classes = self.graph.spaces[-1].width
             placement = torch.eye(count * classes, dtype=torch.float64)
             maps[self.graph.spaces[-1].name] = _space_maps(Match(placement, placement), count)
-        states = [model.state_dict() for model in self.models]
+        states = [state_tensors(model) for model in self.models]
         state = fold_state_dicts(
             states, self.graph.param_axes, maps, self.graph.aliases, weights=weights
         )

@@ -9,44 +9,41 @@ re-mergeable modules.
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from graphmerge.fold import loaded_copy
 from graphmerge.graphs.rules import BATCH_NORMS, CONVOLUTIONS
 from graphmerge.models import SPEC_ATTRIBUTE
 from graphmerge.models.layers import LayerNorm2d
 
 
-def resized_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+def resized_copy(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
     """A deep copy of ``template`` holding ``state`` (same keys, possibly new shapes).
 
-    When a width changed, the copy no longer matches the architecture arguments that
-    ``graphmerge.models.build`` recorded, so that record is dropped (a checkpoint of it
-    would not rebuild).
+    Buffers registered with ``persistent=False`` are taken from ``state`` where it has
+    them (a merge folds them like any tensor) and kept from ``template`` where it does not
+    (a checkpoint's state_dict). When a width changed, the copy no longer matches the
+    architecture arguments that ``graphmerge.models.build`` recorded, so that record is
+    dropped (a checkpoint of it would not rebuild).
     """
-    model = copy.deepcopy(template)
+    model = loaded_copy(template, state)
     resized = False
-    for path, module in model.named_modules(remove_duplicate=True):
-        prefix = f"{path}." if path else ""
-        before = {name: tuple(t.shape) for name, t in _tensors(module)}
-        for name, parameter in list(module._parameters.items()):
-            if parameter is not None:
-                value = state[prefix + name].to(parameter.dtype)
-                module._parameters[name] = nn.Parameter(
-                    value, requires_grad=parameter.requires_grad
-                )
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None:
-                module._buffers[name] = state[prefix + name].to(buffer.dtype).clone()
-        after = {name: tuple(t.shape) for name, t in _tensors(module)}
-        if before != after:
+    for (path, module), (_, before) in zip(
+        model.named_modules(), template.named_modules(), strict=True
+    ):
+        if _shapes(module) != _shapes(before):
             _update_shape_attributes(module, path)
             resized = True
     if resized and hasattr(model, SPEC_ATTRIBUTE):
         delattr(model, SPEC_ATTRIBUTE)
     return model
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in _tensors(module)}
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:

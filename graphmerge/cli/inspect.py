@@ -56,6 +56,9 @@ def run_graph(args: argparse.Namespace) -> int:
         if path is not None and not path.parent.is_dir():
             raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
     model, shape = _graph_model(args)
+    # The check runs on a copy with every parameter random: values no permutation changes
+    # (fresh norm layers, layer scales at 1e-6, zero heads) would hide a wrong graph.
+    model = graphs.randomize_statistics(model, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     example = torch.randn((4, *shape), generator=generator)
     graph = graphs.reference_graph(model) if args.hand_written else graphs.trace(model, example)
@@ -81,8 +84,6 @@ def run_graph(args: argparse.Namespace) -> int:
 
 def _graph_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """The model to draw and the shape of one input sample."""
-    from graphmerge.graphs import randomize_statistics
-
     if args.checkpoint is not None:
         checkpoint = load_checkpoint(args.checkpoint)
         spec = checkpoint.metadata.get("data")
@@ -99,9 +100,7 @@ def _graph_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, 
         kwargs["hidden"] = parse_widths(args.hidden)
     shape = _recipe_shape(args, architecture, kwargs)
     kwargs.update(models.data_kwargs(architecture, shape, args.num_classes))
-    model = models.build(args.model, seed=args.seed, **kwargs)
-    # Fresh norm layers hold permutation-invariant values; random ones make the check strict.
-    return randomize_statistics(model, seed=args.seed), shape
+    return models.build(args.model, seed=args.seed, **kwargs), shape
 
 
 def _recipe_shape(
@@ -117,7 +116,13 @@ def _recipe_shape(
 
 
 def add_models(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("models", help="list the architectures graphmerge can build")
+    parser = commands.add_parser(
+        "models",
+        help="list the architectures graphmerge can build",
+        description="List every architecture name `graphmerge train --model` accepts.",
+        epilog="example: graphmerge models",
+        formatter_class=HelpFormatter,
+    )
     parser.set_defaults(handler=run_models)
 
 
@@ -129,7 +134,11 @@ def run_models(args: argparse.Namespace) -> int:
 
 def add_matchers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "matchers", help="list the matching functions with their papers and hyper-parameters"
+        "matchers",
+        help="list the matching functions with their papers and hyper-parameters",
+        description="List the matching functions, their hyper-parameters and their papers.",
+        epilog="example: graphmerge matchers",
+        formatter_class=HelpFormatter,
     )
     parser.set_defaults(handler=run_matchers)
 

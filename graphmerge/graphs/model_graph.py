@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import enum
 import math
 from collections import defaultdict
@@ -14,7 +13,7 @@ import networkx as nx
 import torch
 from torch import Tensor, fx, nn
 
-from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts
+from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts, loaded_copy, state_tensors
 from graphmerge.graphs.spaces import (
     Block,
     Channels,
@@ -206,7 +205,7 @@ class ModelGraph:
         self._check_params()
 
     def _check_params(self) -> None:
-        known = set(self.model.state_dict())
+        known = set(state_tensors(self.model))
         missing = sorted(set(self.param_axes) - known - set(self.aliases.values()))
         if missing:
             raise ValueError(
@@ -266,25 +265,31 @@ class ModelGraph:
                 raise ValueError(f"permutation of {name!r} must reorder 0..{space.width - 1}")
             axis_map = AxisMap.permutation(index)
             maps[name] = SpaceMaps(write=[axis_map], read=[axis_map])
-        folded = fold_state_dicts([model.state_dict()], self.param_axes, maps, self.aliases)
-        permuted = copy.deepcopy(model)
-        permuted.load_state_dict(folded)
-        return permuted
+        folded = fold_state_dicts([state_tensors(model)], self.param_axes, maps, self.aliases)
+        return loaded_copy(model, folded)
 
     def check_symmetries(
-        self, example_input: Tensor | tuple[Tensor, ...], trials: int = 3, seed: int = 0
+        self,
+        example_input: Tensor | tuple[Tensor, ...],
+        trials: int = 3,
+        seed: int = 0,
+        relative: bool = False,
     ) -> float:
         """Max abs change of the model's outputs when every mergeable space is permuted at random.
 
         Permutations go through the same fold the merge engine uses. Near 0
         (float rounding) proves the graph: every space holds exactly the axes that
-        must move together. The model runs in eval mode; randomise BatchNorm
-        statistics first (``randomize_statistics``) so that a missed buffer shows.
+        must move together. ``relative=True`` divides by the largest output magnitude.
+        The model runs in eval mode. A parameter at a value no permutation changes
+        (BatchNorm statistics at 0 and 1, a layer scale at 1e-6, a zero class token)
+        hides a missing permutation: check a copy made by ``randomize_statistics``.
 
         Example:
             >>> graph.check_symmetries(torch.randn(8, 3, 32, 32), trials=3, seed=0)
             2.1e-07
         """
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise ValueError(f"trials must be a positive integer, got {trials!r}")
         inputs = example_input if isinstance(example_input, tuple) else (example_input,)
         reference = _outputs(self.model, inputs)
         worst = 0.0
@@ -293,7 +298,10 @@ class ModelGraph:
             changed = _outputs(permuted, inputs)
             for before, after in zip(reference, changed, strict=True):
                 worst = max(worst, (before - after).abs().max().item())
-        return worst
+        if not relative:
+            return worst
+        scale = max((t.abs().max().item() for t in reference if t.numel()), default=0.0)
+        return worst / scale if scale > 0 else worst
 
     # -- reporting ---------------------------------------------------------------------------
     def summary(self) -> str:
@@ -341,7 +349,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     """State-dict keys whose tensor is also reachable under an earlier key (shared modules)."""
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
+    for key, tensor in state_tensors(model, keep_vars=True).items():
         canonical = first.setdefault(id(tensor), key)
         if canonical != key:
             aliases[key] = canonical

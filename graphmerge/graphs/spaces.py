@@ -174,6 +174,7 @@ class SpaceFinder:
         self._param_axes: list[tuple[int, ParamAxis]] = []
         self._layout: dict[tuple[str, int], tuple[Segment, ...]] = {}
         self._producers: dict[int, list[str]] = defaultdict(list)
+        self._frozen_axes: dict[tuple[str, int], list[str]] = defaultdict(list)
         self.input_element = self.new("input", 0)
         self.output_element = self.new("output", 0)
         self.freeze(self.input_element, INPUT_REASON)
@@ -209,6 +210,11 @@ class SpaceFinder:
         if isinstance(value, Channels):
             for segment in value.segments:
                 self.freeze(segment.element, reason)
+
+    def freeze_parameter_axis(self, param: str, axis: int, reason: str) -> None:
+        """Whatever space axis ``axis`` of ``param`` belongs to (now or later) is frozen."""
+        if reason not in self._frozen_axes[(param, axis)]:
+            self._frozen_axes[(param, axis)].append(reason)
 
     def add_producer(self, value: Channels, origin: str) -> None:
         for segment in value.segments:
@@ -338,7 +344,9 @@ class SpaceFinder:
             role = "input"
         elif self.output_element in members:
             role = "output"
-        reasons = list(dict.fromkeys(r for e in members for r in self._elements[e].frozen_reasons))
+        reasons = [r for e in members for r in self._elements[e].frozen_reasons]
+        reasons += [r for a in param_axes for r in self._frozen_axes.get((a.param, a.axis), ())]
+        reasons = list(dict.fromkeys(reasons))
         if role == "hidden":
             widths = {axis.width for axis in param_axes}
             if len(widths) > 1:

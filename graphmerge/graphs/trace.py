@@ -8,8 +8,9 @@ spaces it touches, with the reason recorded: a wrong graph is never guessed.
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,21 +19,32 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphmerge.evaluation.metrics import evaluating, input_hint
+from graphmerge.fold import state_tensors
+from graphmerge.graphs import parameters
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
-from graphmerge.graphs.rules import apply_module, is_known_module, module_category, spatial
+from graphmerge.graphs.parameters import FromParameters
+from graphmerge.graphs.rules import (
+    ELEMENTWISE_MODULES,
+    apply_module,
+    is_known_module,
+    module_category,
+    spatial,
+)
+from graphmerge.graphs.shapes import broadcast_axis, reshaped_axis
 from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
 
 
 class GraphTraceError(ValueError):
-    """torch.fx could not trace the model (data-dependent control flow, unsupported code)."""
+    """The model could not be traced: torch.fx failed, the model rejected the example input,
+    or an operation could not be followed. The message names the model, where it failed
+    (the node or the line of the model's code), the cause and the fix."""
 
 
-@dataclass(frozen=True)
-class Parameter:
-    """A parameter or buffer read directly (fx get_attr), e.g. a layer-scale vector."""
-
-    name: str
-    shape: tuple[int, ...]
+TRACE_HINT = (
+    "Build the graph by hand with graphmerge.graphs.GraphBuilder (see the README section "
+    "'Custom graphs'), or simplify the model's forward (data-dependent control flow cannot "
+    "be traced)."
+)
 
 
 def _name(target: Any) -> str:
@@ -61,6 +73,8 @@ ACTIVATION_NAMES = frozenset(
         "tanh_",
     }
 )
+# Ops that read their first argument only; a second is a dtype, device or shape reference.
+REFERENCE_NAMES = frozenset({"to", "type_as", "view_as", "reshape_as", "expand_as"})
 ELEMENTWISE_NAMES = ACTIVATION_NAMES | {
     "dropout",
     "dropout1d",
@@ -73,11 +87,14 @@ ELEMENTWISE_NAMES = ACTIVATION_NAMES | {
     "pos",
     "abs",
     "exp",
+    "log",
     "clamp",
     "clamp_",
     "clip",
     "sqrt",
     "rsqrt",
+    "reciprocal",
+    "square",
     "softmax",
     "log_softmax",
     "normalize",
@@ -113,6 +130,8 @@ REDUCTION_NAMES = frozenset({"mean", "sum", "amax", "amin", "std", "var", "logsu
 SHAPE_NAMES = frozenset(
     {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 )
+BROADCAST_NAMES = frozenset({"expand", "expand_as", "broadcast_to"})
+PERMUTE_NAMES = frozenset({"permute", "transpose", "t"})
 SPATIAL_FUNCTIONS: dict[Callable, int] = {
     F.max_pool1d: 1,
     F.max_pool2d: 2,
@@ -128,13 +147,24 @@ SPATIAL_FUNCTIONS: dict[Callable, int] = {
     F.adaptive_max_pool3d: 3,
 }
 ADD_NAMES = frozenset({"add", "add_", "iadd", "sub", "sub_", "isub"})
+ONE_OPERAND_NAMES = (
+    ELEMENTWISE_NAMES
+    | SHAPE_NAMES
+    | BROADCAST_NAMES
+    | PERMUTE_NAMES
+    | REDUCTION_NAMES
+    | {"interpolate"}
+)
+
+TracedValue = Value | FromParameters
 
 
 def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> ModelGraph:
     """Trace ``model`` with torch.fx on ``example_input`` and find its spaces.
 
     The model is traced and run in eval mode without gradients (its modes are
-    restored, its weights and buffers are not touched).
+    restored, its weights and buffers are not touched). Whatever goes wrong on the way
+    raises :class:`GraphTraceError` naming the model, the failing node or line and the fix.
 
     Example:
         >>> import torch, graphmerge as gm
@@ -149,34 +179,66 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Model
     with evaluating(model), torch.no_grad():
         module = _symbolic_trace(model)
         _propagate_shapes(module, model, inputs)
-    walker = _Walker(module)
+    walker = _Walker(module, set(state_tensors(model)))
     for node in module.graph.nodes:
-        walker.visit(node)
-    return walker.recorder.finish(model, source="traced", module=module)
+        walker.visit(node, model)
+    try:
+        return walker.recorder.finish(model, source="traced", module=module)
+    except Exception as error:
+        raise GraphTraceError(
+            f"graphmerge could not build the graph of {type(model).__name__}: "
+            f"{type(error).__name__}: {error}. {TRACE_HINT}"
+        ) from error
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
-    except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as error:
+    except Exception as error:  # fx and model code raise anything: report each the same way
         raise GraphTraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {error}. Models with data-dependent "
-            "control flow cannot be traced; build the graph by hand with "
-            "graphmerge.graphs.GraphBuilder (see the README section 'Custom graphs')."
+            f"torch.fx cannot trace {type(model).__name__}: {type(error).__name__}: "
+            f"{_first_line(error)}{_model_line(error)}. {TRACE_HINT}"
         ) from error
 
 
 def _propagate_shapes(module: fx.GraphModule, model: nn.Module, inputs: tuple) -> None:
     try:  # the plain model first: its error is short and to the point
         model(*inputs)
-    except (RuntimeError, ValueError, TypeError) as error:
+    except Exception as error:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))
         shapes = shapes if len(inputs) == 1 else f"({shapes})"
-        raise ValueError(
-            f"the example input {shapes} does not fit {type(model).__name__}: {error}. "
-            f"{input_hint(model, inputs, error)}"
+        raise GraphTraceError(
+            f"the example input {shapes} does not fit {type(model).__name__}: "
+            f"{_first_line(error)}{_model_line(error)}. {input_hint(model, inputs, error)}"
         ) from error
-    ShapeProp(module).propagate(*inputs)
+    try:
+        ShapeProp(module).propagate(*inputs)
+    except Exception as error:  # the traced code differs from the model's (fx wraps the node)
+        cause = error.__cause__ or error
+        raise GraphTraceError(
+            f"the traced graph of {type(model).__name__} fails where the model runs: "
+            f"{_first_line(error)}: {type(cause).__name__}: {_first_line(cause)}. {TRACE_HINT}"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _model_line(error: BaseException) -> str:
+    """' (at file:line in function: code)' for the innermost frame outside torch, if any."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if f"{os.sep}torch{os.sep}" not in frame.filename
+        and f"{os.sep}graphmerge{os.sep}graphs{os.sep}" not in frame.filename
+    ]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f": {frame.line.strip()}" if frame.line else ""
+    return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}{code})"
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -190,16 +252,28 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 class _Walker:
     """Visits fx nodes in order, giving each output a channel structure."""
 
-    def __init__(self, module: fx.GraphModule) -> None:
+    def __init__(self, module: fx.GraphModule, tensor_names: set[str]) -> None:
         self.module = module
+        self.tensor_names = tensor_names
         self.finder = SpaceFinder()
         self.recorder = GraphRecorder(self.finder)
-        self.values: dict[fx.Node, Value | Parameter] = {}
+        self.values: dict[fx.Node, TracedValue] = {}
 
     # -- dispatch ----------------------------------------------------------------------------
-    def visit(self, node: fx.Node) -> None:
-        handler = getattr(self, f"_{node.op}")
-        value, kind, category = handler(node)
+    def visit(self, node: fx.Node, model: nn.Module) -> None:
+        try:
+            self._visit(node)
+        except GraphTraceError:
+            raise
+        except Exception as error:  # a bug or an unforeseen argument form: never half a graph
+            raise GraphTraceError(
+                f"graphmerge cannot follow node {node.name} ({node.op} {_name(node.target)}) of "
+                f"{type(model).__name__}: {type(error).__name__}: {_first_line(error)}. "
+                f"{TRACE_HINT}"
+            ) from error
+
+    def _visit(self, node: fx.Node) -> None:
+        value, kind, category = getattr(self, f"_{node.op}")(node)
         self.values[node] = value
         target = node.target if isinstance(node.target, str) else _name(node.target)
         self.recorder.add_node(
@@ -208,7 +282,7 @@ class _Walker:
             target=target,
             inputs=[n.name for n in node.all_input_nodes],
             shape=_shape(node),
-            value=value if not isinstance(value, Parameter) else None,
+            value=value if not isinstance(value, FromParameters) else None,
             category=category,
         )
 
@@ -226,40 +300,76 @@ class _Walker:
                     self.finder.union(segment.element, self.finder.output_element)
         return None, NodeKind.OUTPUT, ""
 
-    def _get_attr(self, node: fx.Node) -> tuple[Value | Parameter, NodeKind, str]:
+    def _get_attr(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         shape = _shape(node)
-        return Parameter(str(node.target), shape or ()), NodeKind.FUNCTION, "parameter"
+        if shape is None:
+            return None, NodeKind.FUNCTION, "parameter"
+        name = str(node.target)
+        if name in self.tensor_names:
+            return FromParameters.of(name, shape), NodeKind.FUNCTION, "parameter"
+        reason = (
+            f"{name}, a tensor that is neither a parameter nor a buffer of the model (a plain "
+            "attribute, or a constant of forward)"
+        )
+        return FromParameters.constant_tensor(shape, reason), NodeKind.FUNCTION, "parameter"
 
-    def _call_module(self, node: fx.Node) -> tuple[Value, NodeKind, str]:
+    def _call_module(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         path = str(node.target)
         module = self.module.get_submodule(path)
         value = self._value(node.args[0]) if node.args else None
-        if isinstance(module, nn.Flatten):
-            return self._reshape(node, value), NodeKind.MODULE, "shape"
         if not is_known_module(module) or len(node.all_input_nodes) != 1:
             reason = f"unknown layer {path} ({type(module).__name__})"
             return self._unknown(node, reason), NodeKind.MODULE, ""
+        if isinstance(value, FromParameters):
+            return self._module_on_parameters(node, module, value), NodeKind.MODULE, ""
+        if isinstance(module, nn.Flatten):
+            return self._reshape(node, value), NodeKind.MODULE, "shape"
         in_shape = _shape(node.args[0])
         out = apply_module(
             self.finder, module, path, value, None if in_shape is None else len(in_shape)
         )
         return out, NodeKind.MODULE, module_category(module)
 
-    def _call_function(self, node: fx.Node) -> tuple[Value, NodeKind, str]:
+    def _module_on_parameters(
+        self, node: fx.Node, module: nn.Module, value: FromParameters
+    ) -> FromParameters:
+        if isinstance(module, ELEMENTWISE_MODULES):
+            return value
+        if isinstance(module, nn.Flatten):
+            return self._parameter_result(node, *parameters.reshaped(value, _shape(node)))
+        reason = f"{node.target} ({type(module).__name__}) is applied to parameters"
+        return self._untracked(node, [value], reason)
+
+    def _call_function(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         name = _name(node.target)
         return self._function(node, name, node.target), NodeKind.FUNCTION, _category(name)
 
-    def _call_method(self, node: fx.Node) -> tuple[Value, NodeKind, str]:
+    def _call_method(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         name = str(node.target)
         return self._function(node, name, None), NodeKind.FUNCTION, _category(name)
 
     # -- functions ---------------------------------------------------------------------------
-    def _function(self, node: fx.Node, name: str, target: Any) -> Value:
+    def _function(self, node: fx.Node, name: str, target: Any) -> TracedValue:
         if _shape(node) is None:  # sizes, shapes, tuples of them: no channels to follow
             return self._non_tensor(node)
+        operands = self._operands(node, name)
+        if operands and all(isinstance(v, FromParameters) for v in operands):
+            return self._parameter_function(node, name, operands)
         first = self._value(node.args[0]) if node.args else None
+        if name in BINARY_NAMES:
+            return self._binary(node)
+        if name == "layer_norm":
+            return self._functional_layer_norm(node, first)
+        if name == "cat":
+            return self._cat(node)
+        if len(operands) > 1:  # everything below reads one tensor: a second one would be lost
+            if name in ONE_OPERAND_NAMES or target in SPATIAL_FUNCTIONS:
+                return self._unknown(node, f"{name} at {node.name} with several tensor operands")
+            return self._unknown(node, f"unknown operation {name} at {node.name}")
+        if isinstance(first, FromParameters):  # e.g. gamma.to(x): the reference is not read
+            return self._parameter_function(node, name, [first])
         if name in ELEMENTWISE_NAMES:
-            return first if not isinstance(first, Parameter) else None
+            return first
         if target in SPATIAL_FUNCTIONS:
             return spatial(
                 self.finder, first, node.name, SPATIAL_FUNCTIONS[target], self._ndim(node.args[0])
@@ -272,19 +382,22 @@ class _Walker:
                 self._ndim(node.args[0]) - 2,
                 self._ndim(node.args[0]),
             )
-        if name in BINARY_NAMES:
-            return self._binary(node)
-        if name == "cat":
-            return self._cat(node)
         if name in SHAPE_NAMES:
             return self._reshape(node, first)
-        if name in ("permute", "transpose", "t"):
+        if name in BROADCAST_NAMES:
+            return self._expand(node, first)
+        if name in PERMUTE_NAMES:
             return self._permute(node, first, name)
         if name in REDUCTION_NAMES:
             return self._reduce(node, first)
-        if name == "layer_norm":
-            return self._functional_layer_norm(node, first)
         return self._unknown(node, f"unknown operation {name} at {node.name}")
+
+    def _operands(self, node: fx.Node, name: str) -> list[TracedValue]:
+        """The values of the tensors the op computes with (a reference's dtype/shape is not)."""
+        nodes = node.all_input_nodes
+        if name in REFERENCE_NAMES and node.args and isinstance(node.args[0], fx.Node):
+            nodes = [node.args[0]]
+        return [self._value(n) for n in nodes if _shape(n) is not None]
 
     def _non_tensor(self, node: fx.Node) -> Value:
         if node.meta.get("tensor_meta") is not None:  # several tensors (chunk, split, ...)
@@ -293,47 +406,117 @@ class _Walker:
         return next((v for v in values if isinstance(v, Unknown)), None)  # sizes, shapes
 
     def _unknown(self, node: fx.Node, reason: str) -> Unknown:
+        """An op the tracer cannot follow: everything it reads is frozen."""
         for arg in node.all_input_nodes:
             value = self._value(arg)
-            if not isinstance(value, Parameter):
+            if isinstance(value, FromParameters):
+                self._freeze_parameters(value, f"read by {reason}")
+            else:
                 self.finder.freeze_value(value, f"read by {reason}")
         return Unknown(reason)
 
-    def _binary(self, node: fx.Node) -> Value:
+    # -- parameters --------------------------------------------------------------------------
+    def _parameter_function(
+        self, node: fx.Node, name: str, operands: list[TracedValue]
+    ) -> FromParameters | None:
+        """An op on tensors computed from parameters alone (no data reaches it)."""
+        values = [v for v in operands if isinstance(v, FromParameters)]
+        first, shape = values[0], _shape(node) or ()
+        if name in BINARY_NAMES:
+            return self._parameter_result(node, *parameters.combined(values, shape))
+        if len(values) > 1:
+            return self._untracked(node, values, f"{name} at {node.name} combines parameters")
+        if name in ELEMENTWISE_NAMES:
+            return first
+        if name in SHAPE_NAMES:
+            return self._parameter_result(node, *parameters.reshaped(first, shape))
+        if name in BROADCAST_NAMES:
+            return self._parameter_result(node, *parameters.broadcast(first, shape))
+        if name in PERMUTE_NAMES:
+            return parameters.permuted(first, self._permutation(node, name))
+        if name in REDUCTION_NAMES:
+            dims = self._reduced_dims(node)
+            if dims is None:  # a full reduction: one number, the same in any order
+                return None
+            return parameters.reduced(first, dims, shape)
+        return self._untracked(node, values, f"unknown operation {name} at {node.name}")
+
+    def _parameter_result(
+        self, node: fx.Node, value: FromParameters, problem: str
+    ) -> FromParameters:
+        if problem:
+            return self._untracked(node, [value], f"{node.name} {problem}")
+        return value
+
+    def _untracked(
+        self, node: fx.Node, values: list[FromParameters], reason: str
+    ) -> FromParameters:
+        """A tensor of parameters the tracer cannot follow: they are frozen, and the result
+        freezes any channels it is broadcast along."""
+        for value in values:
+            self._freeze_parameters(value, reason)
+        return FromParameters.constant_tensor(_shape(node) or (), reason)
+
+    def _freeze_parameters(self, value: FromParameters, reason: str) -> None:
+        for param, axis in value.parameter_axes:
+            self.finder.freeze_parameter_axis(param, axis, reason)
+
+    def _along_channels(
+        self, value: FromParameters, axis: int, channels: Channels, where: str
+    ) -> None:
+        """``value`` meets ``channels`` with its ``axis`` on theirs: that axis joins their space.
+
+        Parameter axes running along the other (non-channel) dims must not be permuted."""
+        for other, carried in enumerate(value.axes):
+            if other != axis:
+                for param, param_axis in carried:
+                    reason = f"{where} runs {param} along a dim that is not channels"
+                    self.finder.freeze_parameter_axis(param, param_axis, reason)
+        if value.shape[axis] == 1:
+            return
+        if value.shape[axis] != channels.size:
+            reason = f"{where} broadcasts {value.shape[axis]} values along {channels.size} channels"
+            self.finder.freeze_value(channels, reason)
+            self._freeze_parameters(value, reason)
+            return
+        for param, param_axis in value.axes[axis]:
+            self.finder.touch(param, param_axis, "out", channels)
+        if value.constant:
+            self.finder.freeze_value(channels, f"{where} multiplies them with {value.constant}")
+
+    # -- data --------------------------------------------------------------------------------
+    def _binary(self, node: fx.Node) -> TracedValue:
         out_shape = _shape(node) or ()
         joined: list[Value] = []
-        parameters: list[Parameter] = []
-        for arg in node.args:
-            if not isinstance(arg, fx.Node):
+        params: list[FromParameters] = []
+        for arg in (*node.args, *node.kwargs.values()):
+            if not isinstance(arg, fx.Node) or _shape(arg) is None:
                 continue
             value = self._value(arg)
-            if isinstance(value, Parameter):
-                parameters.append(value)
+            if isinstance(value, FromParameters):
+                params.append(value.aligned(len(out_shape)))
             elif isinstance(value, Channels) and value.axis is not None:
-                axis = value.axis + len(out_shape) - len(_shape(arg) or ())
+                axis = broadcast_axis(self._ndim(arg), len(out_shape), value.axis)
                 if (_shape(arg) or ())[value.axis] == out_shape[axis]:
                     joined.append(value.moved(axis))
                 # else: a single channel broadcast over the others, which it does not touch
             else:
                 joined.append(value)
+        if not any(isinstance(v, (Channels, Unknown)) for v in joined):
+            # parameters with data that carries no channels (or none at all)
+            if not params:
+                return None
+            return self._parameter_result(node, *parameters.combined(params, out_shape))
         axes = {v.axis for v in joined if isinstance(v, Channels)} - {None}
         if len(axes) > 1:
             return self._unknown(node, f"{node.name} combines channels on different axes")
         out = self.finder.join(joined, node.name)
-        if isinstance(out, Channels) and out.axis is not None:
-            for parameter in parameters:
-                self._touch_broadcast(parameter, out, len(out_shape))
+        for value in params:
+            if isinstance(out, Channels) and out.axis is not None:
+                self._along_channels(value, out.axis, out, node.name)
+            else:  # unknown channels, or the model input (never permuted)
+                self._freeze_parameters(value, f"{node.name} combines it with untracked channels")
         return out
-
-    def _touch_broadcast(self, parameter: Parameter, value: Channels, out_ndim: int) -> None:
-        """A parameter broadcast against channels (layer scale): its channel axis is written."""
-        axis = value.axis - (out_ndim - len(parameter.shape))
-        if axis < 0 or parameter.shape[axis] == 1:
-            return
-        if parameter.shape[axis] != value.size:
-            self.finder.freeze_value(value, f"{parameter.name} does not match its channels")
-            return
-        self.finder.touch(parameter.name, axis, "out", value)
 
     def _cat(self, node: fx.Node) -> Value:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
@@ -348,28 +531,40 @@ class _Walker:
             return self.finder.join(values, node.name)  # e.g. cat along the batch
         return self._unknown(node, f"{node.name} concatenates tensors of unknown channels")
 
-    def _permute(self, node: fx.Node, value: Value, name: str) -> Value:
-        if not isinstance(value, Channels) or value.axis is None:
-            return value
+    def _permutation(self, node: fx.Node, name: str) -> list[int]:
+        """New axis k of a permute / transpose / t is old axis ``dims[k]``."""
         ndim = len(_shape(node) or ())
         args = [a for a in node.args[1:]] or list(node.kwargs.values())
         if name == "t":
-            args = [0, 1]
+            args = [0, 1] if ndim > 1 else [0, 0]
         if name == "permute":
             dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-            return value.moved([d % ndim for d in dims].index(value.axis))
+            return [d % ndim for d in dims]
         first, second = (a % ndim for a in args[:2])
-        swap = {first: second, second: first}
-        return value.moved(swap.get(value.axis, value.axis))
+        dims = list(range(ndim))
+        dims[first], dims[second] = second, first
+        return dims
+
+    def _permute(self, node: fx.Node, value: Value, name: str) -> Value:
+        if not isinstance(value, Channels) or value.axis is None:
+            return value
+        return value.moved(self._permutation(node, name).index(value.axis))
+
+    def _reduced_dims(self, node: fx.Node) -> set[int] | None:
+        """The dims a reduction runs over (None: all of them)."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None:
+            return None
+        in_ndim = self._ndim(node.args[0])
+        return {d % in_ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
 
     def _reduce(self, node: fx.Node, value: Value) -> Value:
         if not isinstance(value, Channels) or value.axis is None:
             return value
         in_ndim = self._ndim(node.args[0])
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = self._reduced_dims(node)
         if dims is None:
             return None
-        dims = {d % in_ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
         if value.axis in dims:  # a sum or mean over channels does not change when they move
             return None
         keepdim = len(_shape(node) or ()) == in_ndim
@@ -386,7 +581,16 @@ class _Walker:
             return self._unknown(node, f"{node.name} {problem}")
         return value.moved(axis).repeated(repeat)
 
-    def _functional_layer_norm(self, node: fx.Node, value: Value) -> Value:
+    def _expand(self, node: fx.Node, value: Value) -> Value:
+        if not isinstance(value, Channels) or value.axis is None:
+            return value
+        in_shape, out_shape = _shape(node.args[0]) or (), _shape(node) or ()
+        axis = broadcast_axis(len(in_shape), len(out_shape), value.axis)
+        if in_shape[value.axis] != out_shape[axis]:
+            return self._unknown(node, f"{node.name} expands a single channel")
+        return value.moved(axis)
+
+    def _functional_layer_norm(self, node: fx.Node, value: TracedValue) -> TracedValue:
         args = list(node.args) + [None] * 5
         shape = args[1] or node.kwargs.get("normalized_shape")
         weight = args[2] if args[2] is not None else node.kwargs.get("weight")
@@ -394,25 +598,26 @@ class _Walker:
         in_ndim = self._ndim(node.args[0])
         if not isinstance(value, Channels) or value.axis is None:
             return self._unknown(node, f"{node.name} layer_norm of unknown channels")
-        if value.axis < in_ndim - len(shape):
-            return value
-        axis = value.axis - (in_ndim - len(shape))
-        for tensor in (weight, bias):
-            parameter = self.values.get(tensor) if isinstance(tensor, fx.Node) else None
-            if isinstance(parameter, Parameter):
-                self.finder.touch(parameter.name, axis, "out", value)
-            elif tensor is not None:
-                return self._unknown(node, f"{node.name} layer_norm with computed parameters")
+        affine = [self._value(t) for t in (weight, bias) if isinstance(t, fx.Node)]
+        if any(not isinstance(p, FromParameters) for p in affine):
+            return self._unknown(node, f"{node.name} layer_norm with affine parameters from data")
+        first = in_ndim - len(shape)
+        for param in affine:
+            if value.axis < first:  # normalizes within each channel: channels pass untouched
+                self._freeze_parameters(param, f"{node.name} runs it along a dim not channels")
+            else:
+                param = param.aligned(len(shape))
+                self._along_channels(param, value.axis - first, value, node.name)
         return value
 
     # -- helpers -----------------------------------------------------------------------------
-    def _value(self, arg: Any) -> Value | Parameter:
+    def _value(self, arg: Any) -> TracedValue:
         return self.values.get(arg) if isinstance(arg, fx.Node) else None
 
     def _ndim(self, arg: Any) -> int:
         return len(_shape(arg) or ())
 
-    def _leaves(self, args: Any) -> Iterator[Value | Parameter]:
+    def _leaves(self, args: Any) -> Iterator[TracedValue]:
         if isinstance(args, fx.Node):
             yield self._value(args)
         elif isinstance(args, (list, tuple)):
@@ -427,41 +632,3 @@ def _category(name: str) -> str:
     if name in ACTIVATION_NAMES:
         return "activation"
     return "add" if name in ADD_NAMES else ""
-
-
-def reshaped_axis(
-    in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int
-) -> tuple[int, int, str]:
-    """Where channel ``axis`` goes in a reshape: (new axis, repeat factor, problem or "").
-
-    Merging dims that follow the channels into it (flattening C x H x W) repeats
-    every channel; anything that splits the channels or moves other dims inside
-    them is reported as a problem.
-    """
-    if in_shape[axis] == 1:
-        return 0, 1, "reshapes a single-channel tensor"
-    big_in = [i for i, size in enumerate(in_shape) if size != 1]
-    big_out = [j for j, size in enumerate(out_shape) if size != 1]
-    i = j = 0
-    while i < len(big_in):
-        group_in, group_out = [big_in[i]], [big_out[j]]
-        size_in, size_out = in_shape[big_in[i]], out_shape[big_out[j]]
-        while size_in != size_out:
-            if size_in < size_out:
-                i += 1
-                group_in.append(big_in[i])
-                size_in *= in_shape[big_in[i]]
-            else:
-                j += 1
-                group_out.append(big_out[j])
-                size_out *= out_shape[big_out[j]]
-        if axis in group_in:
-            if len(group_out) > 1:
-                return 0, 1, "splits the channel axis (as a channel shuffle does)"
-            if group_in[0] != axis:
-                return 0, 1, "flattens other dims in front of the channels (channel-last flatten)"
-            inner = size_in // in_shape[axis]
-            return group_out[0], inner, ""
-        i += 1
-        j += 1
-    return 0, 1, "reshape not understood"

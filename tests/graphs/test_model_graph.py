@@ -91,3 +91,14 @@ def test_dot_and_png(resnet_graph, tmp_path):
 def test_draw_into_a_missing_folder_fails_cleanly(resnet_graph, tmp_path):
     with pytest.raises(FileNotFoundError):
         resnet_graph.draw(tmp_path / "missing" / "graph.png")
+
+
+def test_relative_check_divides_by_the_largest_output_and_trials_must_be_positive(resnet_graph):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scale = resnet_graph.model.eval()(x).abs().max().item()
+    absolute = resnet_graph.check_symmetries(x, trials=2)
+    assert resnet_graph.check_symmetries(x, trials=2, relative=True) == absolute / scale
+    for trials in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="trials must be a positive integer"):
+            resnet_graph.check_symmetries(x, trials=trials)
