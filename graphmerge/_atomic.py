@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -36,6 +36,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(handle.name)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Files that belong together (a table and its plot): the body writes each to the
+    temporary path given for it; on success all are renamed into place, one after the
+    other, so an error or a Ctrl-C in the body leaves none of them half-done or alone.
+
+    Example:
+        >>> with atomic_files(["results.csv", "results.png"]) as (csv, png):
+        ...     write_table(csv); draw_plot(png)
+    """
+    targets = [Path(path) for path in paths]
+    pending = [target.with_name(f".{target.name}.pending") for target in targets]
+    try:
+        yield pending
+        for temporary, target in zip(pending, targets, strict=True):
+            os.replace(temporary, target)
+    finally:
+        for temporary in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
 
 
 def _mode_for(target: Path) -> int:

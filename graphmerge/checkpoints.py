@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,10 @@ def save_checkpoint(
             "or pass spec=graphmerge.models.ModelSpec(architecture, kwargs) (for a merged "
             "model: the spec of the models it was merged from, gm.models.spec_of(model_a))"
         )
-    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    own_state = model.state_dict()
+    state = OrderedDict((key, value.detach().cpu()) for key, value in own_state.items())
+    # Layer versions: loading hooks read them (torchvision's MNASNet refuses a file without).
+    state._metadata = getattr(own_state, "_metadata", None)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -100,12 +104,25 @@ def load_checkpoint(
 def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """What a PyTorch file holds (tensors and plain containers only: ``weights_only``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):  # classes pickled, not only tensors
+            raise ValueError(
+                f"{path} holds pickled Python objects, not only tensors (a whole model saved "
+                "with torch.save(model)?): graphmerge reads checkpoints and state_dicts; save "
+                "model.state_dict() or gm.save_checkpoint(model, path) instead"
+            ) from error
         raise ValueError(f"{path} is not a readable PyTorch file ({error})") from error
+    except Exception as error:  # torch.load fails in many ways on a file of another kind
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"{path} is not a readable PyTorch file ({type(error).__name__}: {first})"
+        ) from error
 
 
 def is_checkpoint(payload: Any) -> bool:
@@ -174,7 +191,13 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Any], sourc
         raise ValueError(
             f"the weights in {source} do not fit the architecture: " + "; ".join(problems)
         )
-    model.load_state_dict(state_dict)
+    versioned = OrderedDict(state_dict)
+    # A file without layer versions (an older checkpoint, a plain dict) takes the model's own:
+    # it is the same architecture, and version hooks (torchvision's MNASNet) need them.
+    versioned._metadata = getattr(state_dict, "_metadata", None) or getattr(
+        expected, "_metadata", None
+    )
+    model.load_state_dict(versioned)
 
 
 def _problems(found: list[tuple[str, list[str]]]) -> list[str]:

@@ -43,6 +43,19 @@ def state_tensors(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor
     return tensors
 
 
+def tensor_aliases(model: nn.Module) -> dict[str, str]:
+    """Names of tensors also reachable under an earlier name: tied weights
+    (``head.weight = embedding.weight``) and modules registered twice, each mapped to the
+    first name (the one ``named_parameters`` gives)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in state_tensors(model, keep_vars=True).items():
+        canonical = first.setdefault(id(tensor), key)
+        if canonical != key:
+            aliases[key] = canonical
+    return aliases
+
+
 def loaded_copy(template: nn.Module, tensors: Mapping[str, Tensor]) -> nn.Module:
     """A deep copy of ``template`` holding ``tensors`` (named as by ``state_tensors``).
 
@@ -51,17 +64,22 @@ def loaded_copy(template: nn.Module, tensors: Mapping[str, Tensor]) -> nn.Module
     version metadata); a buffer missing from ``tensors`` keeps the template's value.
     """
     model = copy.deepcopy(template)
+    replaced: dict[int, Tensor] = {}  # a tensor held by several modules stays shared (tied)
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         for name, parameter in list(module._parameters.items()):
             if parameter is not None and prefix + name in tensors:
-                value = tensors[prefix + name].to(parameter.dtype)
-                module._parameters[name] = nn.Parameter(
-                    value, requires_grad=parameter.requires_grad
-                )
+                if id(parameter) not in replaced:
+                    value = tensors[prefix + name].to(parameter.dtype)
+                    replaced[id(parameter)] = nn.Parameter(
+                        value, requires_grad=parameter.requires_grad
+                    )
+                module._parameters[name] = replaced[id(parameter)]
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and prefix + name in tensors:
-                module._buffers[name] = tensors[prefix + name].to(buffer.dtype).clone()
+                if id(buffer) not in replaced:
+                    replaced[id(buffer)] = tensors[prefix + name].to(buffer.dtype).clone()
+                module._buffers[name] = replaced[id(buffer)]
     return model
 
 

@@ -20,6 +20,7 @@ from graphmerge import matching_functions, normalization
 from graphmerge.evaluation import check_loader, evaluating, model_device, on_device
 from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts, state_tensors
 from graphmerge.graphs import ModelGraph, Space, trace
+from graphmerge.graphs.trace import check_plain_model
 from graphmerge.resize import resized_copy
 from graphmerge.statistics import SpaceStatistics, batch_inputs, collect_statistics
 from graphmerge.weighting import model_weights, reweighted
@@ -95,7 +96,7 @@ class Merger:
         self,
         models: Sequence[nn.Module],
         graph: ModelGraph | None = None,
-        example_input: Tensor | None = None,
+        example_input: Tensor | tuple[Tensor, ...] | None = None,
         progress: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
@@ -105,10 +106,10 @@ class Merger:
         if graph is None:
             if example_input is None:
                 raise ValueError("Merger needs a graph or an example_input to trace the models")
-            graph = trace(models[0], example_input[:EXAMPLE_BATCH].to(device))
+            graph = trace(models[0], _first_samples(_placed(example_input, device)))
         self.models = list(models)
         self.graph = graph
-        self.example_input = None if example_input is None else example_input.to(device)
+        self.example_input = None if example_input is None else _placed(example_input, device)
         self.statistics: dict[str, SpaceStatistics] | None = None
         self.progress = progress
         # The source models' moments at repair points depend only on the graph and the
@@ -128,6 +129,7 @@ class Merger:
         progress: bool | None = None,
     ) -> dict[str, SpaceStatistics]:
         """One pass over ``loader``: feature statistics of every mergeable space."""
+        check_single_input(self.graph)
         self.statistics = collect_statistics(
             self.models,
             self.graph,
@@ -242,6 +244,7 @@ class Merger:
 
     def _normalize(self, result: MergeResult, normalize: str, loader: Iterable) -> None:
         """Replace ``result.model`` by its normalized copy (RESET, REPAIR or RESCALE)."""
+        check_single_input(self.graph)
         if normalize == "reset":
             result.model = normalization.reset_bn(result.model, loader)
         else:
@@ -262,7 +265,8 @@ class Merger:
         hparams: dict[str, object],
     ) -> Match:
         stats, count = self.statistics[space.name], len(self.models)
-        context = {"position": position} if entry.kind == "scope" else {}
+        scope = {"position": position, "num_spaces": len(self.spaces)}
+        context = scope if entry.kind == "scope" else {}
         try:
             return Match(*entry.function(stats, count, **context, **hparams))
         except ValueError as error:
@@ -316,7 +320,7 @@ class Merger:
         )
         merged = resized_copy(self.models[0], state)
         if self.example_input is not None:
-            _check_runs(merged, self.example_input[:EXAMPLE_BATCH])
+            _check_runs(merged, _first_samples(self.example_input))
         return merged
 
 
@@ -347,6 +351,17 @@ def _checked(match: Match, space: Space, count: int, method: str) -> Match:
     return Match(merge.detach().cpu().double(), unmerge.detach().cpu().double())
 
 
+def check_single_input(graph: ModelGraph) -> None:
+    """Passes over data feed each batch's input tensor: a clear error for a model of several."""
+    if graph.num_inputs > 1:
+        raise ValueError(
+            f"{type(graph.model).__name__} takes {graph.num_inputs} input tensors, but statistics "
+            "and normalization feed one per batch (the first item of an (input, target) pair): "
+            "merge it with method='weight_matching', which needs no data, or wrap the model so "
+            "that it takes one tensor"
+        )
+
+
 def _check_normalize(normalize: str | None, loader: Iterable | None) -> None:
     if normalize is None:
         return
@@ -359,10 +374,26 @@ def _check_normalize(normalize: str | None, loader: Iterable | None) -> None:
         raise ValueError(f"normalize={normalize!r} needs data: pass loader=")
 
 
-def _check_runs(model: nn.Module, example: Tensor) -> None:
+def _placed(example: Tensor | tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, ...]:
+    """The example input(s) as a tuple on ``device`` (a model with several inputs: a tuple)."""
+    inputs = example if isinstance(example, tuple) else (example,)
+    for tensor in inputs:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"example_input must be a tensor or a tuple of tensors (one per input of the "
+                f"model), got a {type(tensor).__name__}"
+            )
+    return tuple(tensor.to(device) for tensor in inputs)
+
+
+def _first_samples(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(tensor[:EXAMPLE_BATCH] for tensor in inputs)
+
+
+def _check_runs(model: nn.Module, example: tuple[Tensor, ...]) -> None:
     try:
         with evaluating(model), torch.no_grad():
-            model(example)
+            model(*example)
     except RuntimeError as error:
         raise RuntimeError(
             f"the merged {type(model).__name__} does not run ({error}); a layer of this model "
@@ -378,6 +409,7 @@ def check_models(models: Sequence[nn.Module], same_device: bool = True) -> None:
     for index, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model {index} is a {type(model).__name__}, not an nn.Module")
+        check_plain_model(model, f"model {index}")
     reference = models[0].state_dict()
     for index, model in enumerate(models):
         if type(model) is not type(models[0]):

@@ -17,6 +17,7 @@ import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
@@ -208,6 +209,12 @@ def batch_inputs(batch: object) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(first, np.ndarray):
+        raise ValueError(
+            "the loader yields numpy arrays: graphmerge needs torch tensors; convert them, e.g. "
+            "TensorDataset(torch.from_numpy(inputs), torch.from_numpy(targets)) in a DataLoader"
+        )
     if isinstance(batch, dict):
         keys = ", ".join(repr(key) for key in batch)
         raise ValueError(
@@ -235,6 +242,36 @@ class ReadPoint:
 def merge_points(spaces: Sequence[Space]) -> list[ReadPoint]:
     """The merge point of each space, named after the space."""
     return [ReadPoint(space.name, space.merge_point, space.width) for space in spaces]
+
+
+def _reader_root(model: nn.Module, traced: fx.GraphModule, fx_graph: fx.Graph) -> dict:
+    """What the reader's nodes refer to: ``model``'s layers and tensors (the graph may be
+    another model's), and constants of ``forward`` (``torch.tensor(...)``), which torch.fx
+    keeps on the traced module only."""
+    root: dict[str, object] = {}
+    for node in fx_graph.nodes:
+        if node.op == "call_module":
+            root[node.target] = model.get_submodule(node.target)
+        elif node.op == "get_attr":
+            owner = model if _has_attribute(model, node.target) else traced
+            root[node.target] = _attribute(owner, node.target)
+    return root
+
+
+def _has_attribute(module: nn.Module, path: str) -> bool:
+    owner: object = module
+    for part in path.split("."):
+        if not hasattr(owner, part):
+            return False
+        owner = getattr(owner, part)
+    return True
+
+
+def _attribute(module: nn.Module, path: str) -> object:
+    owner: object = module
+    for part in path.split("."):
+        owner = getattr(owner, part)
+    return owner
 
 
 class FeatureReader:
@@ -290,7 +327,7 @@ class FeatureReader:
             with fx_graph.inserting_after(value):
                 values[point.name] = fx_graph.call_function(rows, (value, axis, point.name))
         fx_graph.output(values)
-        reader = fx.GraphModule(model, fx_graph)
+        reader = fx.GraphModule(_reader_root(model, graph.module, fx_graph), fx_graph)
         reader.graph.eliminate_dead_code()
         reader.recompile()
         return reader

@@ -5,6 +5,8 @@ Also the inputs that look wrong but are handled: models in train mode, loaders o
 and of empty batches, spaces of width 1.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import state_hash
@@ -60,6 +62,51 @@ def truncated_checkpoint(path) -> None:
     gm.save_checkpoint(mlp(), path)
     path.write_bytes(path.read_bytes()[:200])
     gm.load_checkpoint(path)
+
+
+def wrapped(wrap) -> list[torch.nn.Module]:
+    """The pair, model 1 changed by ``wrap`` (a wrapper, a parametrization)."""
+    first, second = pair()
+    return [first, wrap(second)]
+
+
+def parametrized(model: torch.nn.Module) -> torch.nn.Module:
+    torch.nn.utils.parametrizations.weight_norm(model.layers.fc1)
+    return model
+
+
+def hooked_weight_norm(model: torch.nn.Module) -> torch.nn.Module:
+    with warnings.catch_warnings():  # torch deprecates the hook-based form
+        warnings.simplefilter("ignore")
+        torch.nn.utils.weight_norm(model.layers.fc1)
+    return model
+
+
+def written(path, content: bytes | None = None):
+    """``path`` written with ``content`` (a text file named .pt), or a folder if None."""
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    return path
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = torch.nn.Linear(64, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x, y):
+        return self.head(torch.relu(self.fc(x) + self.fc(y)))
+
+
+class TupleOutput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return {"logits": self.fc(x), "features": x}
 
 
 def collected_merger() -> gm.Merger:
@@ -167,6 +214,47 @@ CATALOGUE = [
      r"Merger needs a graph or an example_input to trace the models"),
     ("a hyper-parameter of another method", lambda _: collected_merger().merge("cca", alpha=0.5),
      ValueError, r"matching function 'cca' has no hyper-parameter alpha; it accepts: gamma"),
+    ("preserve_first k beyond the spaces",
+     lambda _: merge(method="preserve_first", k=99), ValueError,
+     r"preserve_first k=99 is out of range: the graph has 2 mergeable spaces, so k must be in "
+     r"0\.\.2"),
+    ("a fractional seed", lambda _: gm.merge(pair(), None, "weight_matching", seed=1.5,
+                                             example_input=inputs()),
+     ValueError, r"seed must be a whole number >= 0, got 1\.5"),
+    ("a width that rounds to nothing", lambda _: gm.models.build("mlp", width_multiplier=1e-9),
+     ValueError, r"width_multiplier=1e-09 leaves a layer of 512 units with 5\.12e-07 units"),
+    # wrappers and parametrizations
+    ("torch.compile", lambda _: merge(wrapped(torch.compile)), ValueError,
+     r"model 1 is wrapped by torch\.compile: merge the model inside it, model\._orig_mod"),
+    ("DataParallel", lambda _: merge(wrapped(torch.nn.DataParallel)), ValueError,
+     r"model 1 is wrapped by DataParallel: merge the model inside it, model\.module"),
+    ("weight_norm parametrization", lambda _: merge(wrapped(parametrized)), ValueError,
+     r"layer layers\.fc1 of model 1 computes weight through a parametrization .*"
+     r"remove_parametrizations\(layer, 'weight'\)"),
+    ("hook-based weight_norm", lambda _: merge(wrapped(hooked_weight_norm)), ValueError,
+     r"layers\.fc1 of model 1 computes weight with torch\.nn\.utils\.weight_norm: .*"
+     r"remove_weight_norm\(layer\)"),
+    # more data and files
+    ("numpy batches", lambda _: merge(data=[inputs().numpy()]), ValueError,
+     r"the loader yields numpy arrays: .*torch\.from_numpy"),
+    ("two-input model, data method",
+     lambda _: gm.Merger([TwoInputs(), TwoInputs()], example_input=(inputs(), inputs()))
+     .collect([inputs()]), ValueError,
+     r"TwoInputs takes 2 input tensors, .* method='weight_matching', which needs no data"),
+    ("dict outputs evaluated",
+     lambda _: gm.evaluation.evaluate(TupleOutput(), [(inputs(), torch.zeros(64).long())]),
+     ValueError, r"the model returns a dict with keys 'logits', 'features', not one tensor"),
+    ("dict outputs in an ensemble",
+     lambda _: gm.evaluation.Ensemble([TupleOutput(), TupleOutput()])(inputs()), ValueError,
+     r"the model returns a dict with keys 'logits', 'features', not one tensor"),
+    ("a text file named .pt", lambda tmp: gm.load_checkpoint(written(tmp / "t.pt", b"hello")),
+     ValueError, r"t\.pt is not a readable PyTorch file \(KeyError"),
+    ("a folder as checkpoint", lambda tmp: gm.load_checkpoint(written(tmp / "d.pt")),
+     ValueError, r"d\.pt is a folder, not a checkpoint file"),
+    ("a whole model saved with torch.save",
+     lambda tmp: (torch.save(mlp(), tmp / "w.pt"), gm.load_checkpoint(tmp / "w.pt")),
+     ValueError, r"w\.pt holds pickled Python objects, not only tensors \(a whole model saved "
+     r"with torch\.save\(model\)\?\)"),
 ]  # fmt: skip
 
 

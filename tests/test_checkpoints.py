@@ -35,6 +35,17 @@ def test_torchvision_checkpoint_round_trip(tmp_path):
     assert_same_state(loaded.model, model)
 
 
+def test_layer_versions_survive_the_file_mnasnet_reads_back(tmp_path):
+    """torchvision's MNASNet checks a version in the state dict's metadata when it loads."""
+    model = gm.models.build("torchvision:mnasnet0_5", num_classes=3, seed=0)
+    path = gm.save_checkpoint(model, tmp_path / "m.pt")
+    assert_same_state(gm.load_checkpoint(path).model, model)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = dict(payload["state_dict"])  # a file written without versions
+    torch.save(payload, path)
+    assert_same_state(gm.load_checkpoint(path).model, model)
+
+
 def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "model.pt"
     model = gm.models.build("mlp", hidden=(8,), seed=0)

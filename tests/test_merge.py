@@ -1,6 +1,8 @@
 """The merge engine: exactness on permuted copies, identity, ensembles, N = 3 (bad inputs:
 test_bad_inputs.py)."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import REFERENCE_MODELS, calibrated, relative_error, state_hash
@@ -163,3 +165,63 @@ def test_merged_models_save_and_reload_only_when_their_widths_are_buildable(tmp_
     assert gm.models.spec_of(wide) is None and gm.models.spec_of(merged) is not None
     with pytest.raises(ValueError, match="cannot tell how to rebuild this model"):
         gm.save_checkpoint(wide, tmp_path / "wide.pt")
+
+
+def zeroed_rows_mlp(seed=0):
+    """An MLP whose first layer has 6 units constant on the data: zero rows, distinct biases."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[:6] = 0.0
+        model[0].bias[:6] = torch.linspace(0.1, 1.5, 6)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"), [("permute", {}), ("zip", {"beta": 0.0}), ("zip", {})]
+)
+def test_units_constant_on_the_data_merge_back_to_their_copies(method, kwargs):
+    model = zeroed_rows_mlp()
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    graph = trace(model, x[:4])
+    copy = graph.permute(graph.random_permutations(seed=5))
+    merged = gm.merge([model, copy], [x], method, graph=graph, progress=False, **kwargs)
+    with torch.no_grad():
+        assert relative_error(model(x), merged(x)) < 1e-5
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("permute", {}), ("zip", {"beta": 0.0})])
+def test_mnasnet_with_random_statistics_merges_its_permuted_copy_back(method, kwargs):
+    # 291 of its 576 units at merge points are constant on the data with distinct values
+    model = gm.graphs.randomize_statistics(gm.models.build("torchvision:mnasnet0_5", seed=0))
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graph = trace(model, x[:2])
+    copy = graph.permute(graph.random_permutations(seed=1))
+    merged = gm.merge([model, copy], [x], method, graph=graph, progress=False, **kwargs)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), merged.eval()(x)) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def five_trained_mlps(digits_flat):
+    return [
+        gm.training.train(
+            gm.models.build("mlp", hidden=(64, 64), seed=seed), digits_flat.train, epochs=2,
+            seed=seed, progress=False,
+        ).model
+        for seed in range(5)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("count", [3, 4, 5])
+def test_zip_merges_three_to_five_models_on_its_defaults(count, five_trained_mlps, digits_flat):
+    # with 3 of these the budgets of the defaults once blocked every pair: "no admissible pair"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the budgets may be lifted
+        merged = gm.merge(five_trained_mlps[:count], digits_flat.train, "zip", progress=False)
+    assert merged.layers.fc1.out_features == 64
+    metrics = gm.evaluation.evaluate(merged, digits_flat.test)
+    assert metrics["accuracy"] > 0.5  # a working model, well above the 10% of chance

@@ -29,7 +29,10 @@ DISTRIBUTED = ("merge",)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graphmerge`` command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error argparse printed
+        return done.code if isinstance(done.code, int) else 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED:
         print(
             f"graphmerge {args.command}: error: only `graphmerge merge` runs under torchrun "
@@ -42,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"graphmerge {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ngraphmerge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`graphmerge models | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,10 +4,76 @@ class-list formatting and the errors a user can fix."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
 
 DATASETS = ("digits", "cifar10", "cifar100")
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, FloatingPointError)
+
+
+def check_output_file(out: Path, inputs: Sequence[Path] = ()) -> None:
+    """``--out`` checked before any work: its folder exists, it is not a folder, not an input."""
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the file to write")
+    for path in inputs:
+        if path.exists() and out.exists() and out.resolve() == path.resolve():
+            raise ValueError(f"--out {out} is one of the input checkpoints: choose a new file")
+
+
+def checked_device(name: str) -> str:
+    """``--device name`` checked: a device torch knows, and CUDA only where it is available."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return name
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum`` (else the usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def finite_number(positive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (``positive``) or >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+
+    parse.__name__ = "positive number" if positive else "non-negative number"
+    return parse
+
+
+positive_int = at_least(1)
+positive_number = finite_number(positive=True)
+non_negative_number = finite_number(positive=False)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -20,7 +86,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_architecture_options(group: argparse._ActionsContainer) -> None:
-    group.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    group.add_argument("--width", type=positive_number, default=1.0, help="width multiplier")
     group.add_argument(
         "--norm",
         choices=("none", "bn", "ln"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from graphmerge.cli.common import HelpFormatter
+from graphmerge.cli.common import HelpFormatter, positive_int
 from graphmerge.demo import DemoConfig, run_demo
 
 
@@ -28,7 +28,7 @@ def add_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small models and few epochs (seconds, for tests)"
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_demo_command)
 

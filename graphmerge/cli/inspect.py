@@ -14,7 +14,12 @@ from graphmerge import data as gm_data
 from graphmerge import matching_functions, models
 from graphmerge._atomic import atomic_write
 from graphmerge.checkpoints import load_checkpoint
-from graphmerge.cli.common import HelpFormatter, add_architecture_options, parse_widths
+from graphmerge.cli.common import (
+    HelpFormatter,
+    add_architecture_options,
+    parse_widths,
+    positive_int,
+)
 from graphmerge.recipes import recipe_for
 
 
@@ -34,15 +39,19 @@ def add_graph(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--model", help="architecture (see `graphmerge models`)")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint from `graphmerge train`")
     add_architecture_options(parser)
-    parser.add_argument("--num-classes", type=int, default=10, help="outputs (--model)")
-    parser.add_argument("--image-size", type=int, help="input image side (default: recipe)")
+    parser.add_argument("--num-classes", type=positive_int, default=10, help="outputs (--model)")
+    parser.add_argument(
+        "--image-size", type=positive_int, help="input image side (default: recipe)"
+    )
     parser.add_argument("--channels", type=int, choices=(1, 3), help="input channels")
     parser.add_argument(
         "--hand-written",
         action="store_true",
         help="use graphmerge's hand-written graph (mlp, vgg, resnet20) instead of tracing",
     )
-    parser.add_argument("--trials", type=int, default=3, help="random permutations to check")
+    parser.add_argument(
+        "--trials", type=positive_int, default=3, help="random permutations to check"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the model and the check")
     parser.add_argument("--out", type=Path, help="PNG picture of the graph")
     parser.add_argument("--dot", type=Path, help="Graphviz DOT file of the graph")

@@ -13,8 +13,15 @@ import torch
 
 import graphmerge
 from graphmerge import comparison, distributed, matching_functions, normalization, plots
+from graphmerge._atomic import atomic_files
 from graphmerge.checkpoints import save_checkpoint
-from graphmerge.cli.common import HelpFormatter, format_classes
+from graphmerge.cli.common import (
+    HelpFormatter,
+    at_least,
+    check_output_file,
+    checked_device,
+    format_classes,
+)
 from graphmerge.cli.sources import (
     Loaders,
     Sources,
@@ -85,8 +92,8 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
 def run_merge(args: argparse.Namespace) -> int:
     """Merge, evaluate and write; under torchrun every process takes a shard of the
     statistics and rank 0 evaluates and writes."""
-    _check_out(args.out, args.checkpoints)
-    device = distributed.device_for_rank(_device(args.device))
+    check_output_file(args.out, args.checkpoints)
+    device = distributed.device_for_rank(checked_device(args.device))
     joined = distributed.init_from_environment(device)
     try:
         return _merge(args, device)
@@ -155,13 +162,11 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         epilog="example: graphmerge evaluate merged.pt",
         formatter_class=HelpFormatter,
     )
-    add_source_options(parser, minimum=1)
+    add_source_options(parser, count=1)
     parser.set_defaults(handler=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    if len(args.checkpoints) != 1:
-        raise ValueError(f"evaluate takes one checkpoint, got {len(args.checkpoints)}")
     loaded = load_one(args.checkpoints[0], args)
     data_spec = dict(loaded.data_spec, classes=sorted(set(loaded.classes)))
     test = loaders_for(data_spec, loaded.classes).test
@@ -214,8 +219,9 @@ def run_compare(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(table.format())
     args.out.mkdir(exist_ok=True)
-    table.write_csv(args.out / "comparison.csv")
-    plots.plot_comparison(table.rows, args.out / "comparison.png")
+    with atomic_files([args.out / "comparison.csv", args.out / "comparison.png"]) as (csv, png):
+        table.write_csv(csv)
+        plots.plot_comparison(table.rows, png)
     print(f"wrote {args.out / 'comparison.csv'}, {args.out / 'comparison.png'}")
     return 0
 
@@ -233,21 +239,19 @@ def _add_interpolate(commands: argparse._SubParsersAction) -> None:
         "--normalize none,repair --out curves",
         formatter_class=HelpFormatter,
     )
-    add_source_options(parser)
+    add_source_options(parser, count=2)
     _add_method_options(parser)
     parser.add_argument(
         "--methods", default="identity,permute", help="comma-separated matching functions"
     )
     parser.add_argument("--normalize", default=NONE, help="comma-separated normalizations")
-    parser.add_argument("--points", type=int, default=11, help="alphas from 0 to 1")
+    parser.add_argument("--points", type=at_least(2), default=11, help="alphas from 0 to 1")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.set_defaults(handler=run_interpolate)
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
     methods, normalizations, hparams = _grid(args)
-    if args.points < 2:
-        raise ValueError(f"--points must be >= 2, got {args.points}")
     sources = load_sources(args)
     if len(sources.models) != 2 or sources.joint:
         raise ValueError(
@@ -269,8 +273,9 @@ def run_interpolate(args: argparse.Namespace) -> int:
         print(f"  {curve.label:<24} {curve.barrier:.4f}   losses: {losses}")
     args.out.mkdir(exist_ok=True)
     rows = [row for curve in curves for row in curve.rows()]
-    comparison.write_csv(rows, args.out / "curves.csv")
-    plots.plot_curves(curves, args.out / "curves.png")
+    with atomic_files([args.out / "curves.csv", args.out / "curves.png"]) as (csv, png):
+        comparison.write_csv(rows, csv)
+        plots.plot_curves(curves, png)
     print(f"wrote {args.out / 'curves.csv'}, {args.out / 'curves.png'}")
     return 0
 
@@ -303,19 +308,6 @@ def _collect(
     if any(matching_functions.entry(method).kind != "weights" for method in methods):
         merger.collect(loaders.statistics, max_samples=args.max_samples)
     return merger
-
-
-def _device(name: str) -> str:
-    """``name`` checked: a device torch knows, and CUDA only where it is available."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    return name
 
 
 def _output(sources: Sources) -> str:
@@ -361,14 +353,6 @@ def _space(value: str | None) -> int | str | None:
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _check_out(out: Path, inputs: list[Path]) -> None:
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist")
-    for path in inputs:
-        if path.exists() and out.exists() and out.resolve() == path.resolve():
-            raise ValueError(f"--out {out} is one of the input checkpoints: choose a new file")
 
 
 def _check_folder(out: Path) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from graphmerge import data as gm_data
 from graphmerge import distributed, models
 from graphmerge.checkpoints import is_checkpoint, load_state_dict_strictly, read_file, rebuild
-from graphmerge.cli.common import add_architecture_options, parse_widths
+from graphmerge.cli.common import add_architecture_options, parse_widths, positive_int
 from graphmerge.recipes import recipe_for
 
 STATISTICS_BATCH = 256
@@ -59,15 +59,19 @@ class Sources:
         return columns
 
 
-def add_source_options(parser: argparse.ArgumentParser, minimum: int = 2) -> None:
-    """Positional checkpoints, and options for plain state_dicts and the data."""
+def add_source_options(parser: argparse.ArgumentParser, count: int | None = None) -> None:
+    """Positional checkpoints (exactly ``count``, or 2 or more), and options for plain
+    state_dicts and the data."""
+    how_many = "2 or more checkpoints" if count is None else f"{count} checkpoints"
+    text = f"{how_many} of one architecture (from `graphmerge train`, or plain state_dicts"
+    if count == 1:
+        text = "a checkpoint (from `graphmerge train`, or a plain state_dict"
     parser.add_argument(
         "checkpoints",
-        nargs="+",
+        nargs="+" if count is None else count,
         type=Path,
         metavar="CHECKPOINT",
-        help=f"{minimum} or more checkpoints of one architecture (from `graphmerge train`, or "
-        "plain state_dicts with --model)",
+        help=f"{text} with --model)",
     )
     plain = parser.add_argument_group("plain state_dicts (files without architecture)")
     plain.add_argument("--model", help="architecture of plain state_dict files")
@@ -79,7 +83,9 @@ def add_source_options(parser: argparse.ArgumentParser, minimum: int = 2) -> Non
     dataset.add_argument(
         "--data", choices=("digits",), default="digits", help="data for statistics and tests"
     )
-    dataset.add_argument("--max-samples", type=int, help="limit the samples of the statistics pass")
+    dataset.add_argument(
+        "--max-samples", type=positive_int, help="limit the samples of the statistics pass"
+    )
 
 
 def load_sources(args: argparse.Namespace, minimum: int = 2) -> Sources:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,13 @@ from graphmerge.cli.common import (
     DATASETS,
     HelpFormatter,
     add_architecture_options,
+    check_output_file,
+    checked_device,
     format_classes,
+    non_negative_number,
     parse_widths,
+    positive_int,
+    positive_number,
 )
 from graphmerge.recipes import recipe_for
 
@@ -56,23 +60,32 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         "--classes",
         help="class subset such as 0-4 or 0,2,7-9 (labels renumbered 0..k-1); default: all classes",
     )
-    dataset.add_argument("--image-size", type=int, help="digits image side (default: recipe)")
+    dataset.add_argument(
+        "--image-size", type=positive_int, help="digits image side (default: recipe)"
+    )
     dataset.add_argument(
         "--channels", type=int, choices=(1, 3), help="digits image channels (default: recipe)"
     )
-    dataset.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    dataset.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch")
     optimisation = parser.add_argument_group("training")
-    optimisation.add_argument("--epochs", type=int, help="epochs (default: recipe)")
+    optimisation.add_argument("--epochs", type=positive_int, help="epochs (default: recipe)")
     optimisation.add_argument(
         "--optimizer",
         choices=training.OPTIMIZERS,
         default="sgd",
         help="SGD with Nesterov momentum 0.9, or Adam",
     )
-    optimisation.add_argument("--lr", type=float, help="peak learning rate (default: recipe)")
-    optimisation.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty")
     optimisation.add_argument(
-        "--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine schedule"
+        "--lr", type=positive_number, help="peak learning rate (default: recipe)"
+    )
+    optimisation.add_argument(
+        "--weight-decay", type=non_negative_number, default=5e-4, help="L2 penalty"
+    )
+    optimisation.add_argument(
+        "--warmup-epochs",
+        type=non_negative_number,
+        default=1.0,
+        help="linear warm-up before the cosine schedule",
     )
     optimisation.add_argument(
         "--seed", type=int, default=0, help="seeds the initialisation and the data order"
@@ -84,10 +97,8 @@ def add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if not math.isfinite(args.width) or args.width <= 0:
-        raise ValueError(f"--width must be a finite number > 0, got {args.width}")
-    if not args.out.parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    checked_device(args.device)
+    check_output_file(args.out)
     architecture = models.architecture_of(args.model)
     recipe = recipe_for(architecture)
     splits = _load_training_data(args, recipe)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from graphmerge.evaluation.metrics import check_tensor_output
+
 OUTPUTS = ("average", "concat")
 
 
@@ -43,6 +45,8 @@ class Ensemble(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         outputs = [member(inputs) for member in self.members]
+        for output in outputs:
+            check_tensor_output(output)
         if self.output == "concat":
             return torch.cat(outputs, dim=1)
         weights = self.weights or [1.0 / len(outputs)] * len(outputs)

@@ -104,6 +104,14 @@ def run_model(
     rejects it; ``module`` is the nn.Module behind ``model`` when that is a plain function."""
     try:
         return model(inputs)
+    except TypeError as error:
+        if "positional argument" not in str(error):  # not the model's signature: its own bug
+            raise
+        raise ValueError(
+            f"the model cannot be called with one input tensor ({error}); graphmerge feeds each "
+            "batch's input tensor (the first item of an (input, target) pair): wrap a model of "
+            "several inputs so that it takes one"
+        ) from error
     except RuntimeError as error:
         module = module if module is not None else model
         raise ValueError(
@@ -138,12 +146,25 @@ def input_hint(model: object, inputs: Sequence[object], error: Exception) -> str
 
 def check_logits(outputs: Tensor, targets: Tensor) -> None:
     """Raise a clear error when outputs are not finite or labels exceed the number of outputs."""
+    check_tensor_output(outputs)
     if not torch.isfinite(outputs).all():
         raise FloatingPointError(
             "the model produced NaN or Inf outputs; check its weights "
             "(e.g. from a diverged training run)"
         )
     check_labels(outputs, targets)
+
+
+def check_tensor_output(outputs: object) -> None:
+    """A clear error when a model returns something else than one logits tensor."""
+    if not isinstance(outputs, Tensor):
+        kind = type(outputs).__name__
+        keys = f" with keys {', '.join(map(repr, outputs))}" if isinstance(outputs, dict) else ""
+        raise ValueError(
+            f"the model returns a {kind}{keys}, not one tensor of (batch, classes) logits: "
+            "evaluation and ensembles read logits; wrap the model so that it returns them "
+            "(e.g. its first output, or output['logits'])"
+        )
 
 
 def check_labels(outputs: Tensor, targets: Tensor) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from graphmerge.fold import tensor_aliases
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
 from graphmerge.graphs.rules import apply_module, module_category
 from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
@@ -36,7 +37,7 @@ class GraphBuilder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._modules = dict(model.named_modules())
-        self._finder = SpaceFinder()
+        self._finder = SpaceFinder(tensor_aliases(model))
         self._recorder = GraphRecorder(self._finder)
         self._values: dict[str, Value] = {}
         self._counts: dict[str, int] = {}

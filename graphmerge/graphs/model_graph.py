@@ -13,7 +13,14 @@ import networkx as nx
 import torch
 from torch import Tensor, fx, nn
 
-from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts, loaded_copy, state_tensors
+from graphmerge.fold import (
+    AxisMap,
+    SpaceMaps,
+    fold_state_dicts,
+    loaded_copy,
+    state_tensors,
+    tensor_aliases,
+)
 from graphmerge.graphs.spaces import (
     Block,
     Channels,
@@ -197,7 +204,7 @@ class ModelGraph:
         self.concatenations = concatenations
         self.source = source
         self.module = module
-        self.aliases = _aliases(model)
+        self.aliases = tensor_aliases(model)
         self.param_axes: dict[str, list[tuple[str, ParamAxis]]] = defaultdict(list)
         for space in spaces:
             for block in space.param_axes:
@@ -227,6 +234,13 @@ class ModelGraph:
                 return space
         names = ", ".join(space.name for space in self.spaces[:8])
         raise KeyError(f"no space named {key!r}; spaces: {names}, ...")
+
+    @property
+    def num_inputs(self) -> int:
+        """How many input tensors the model takes (traced: those the example input fed)."""
+        inputs = [data for _, data in self.graph.nodes(data=True) if data["kind"] is NodeKind.INPUT]
+        fed = [data for data in inputs if data.get("shape") is not None]
+        return len(fed) if self.source == "traced" else len(inputs)
 
     @property
     def mergeable_spaces(self) -> list[Space]:
@@ -343,17 +357,6 @@ def _partition(graph: ModelGraph) -> set[frozenset[tuple[str, int, str, int]]]:
         for space in graph.spaces
         if space.param_axes
     }
-
-
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """State-dict keys whose tensor is also reachable under an earlier key (shared modules)."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for key, tensor in state_tensors(model, keep_vars=True).items():
-        canonical = first.setdefault(id(tensor), key)
-        if canonical != key:
-            aliases[key] = canonical
-    return aliases
 
 
 def _outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:

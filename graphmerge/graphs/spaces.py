@@ -168,7 +168,8 @@ class _Element:
 class SpaceFinder:
     """Union-find over channel blocks, plus the parameter axes that read and write them."""
 
-    def __init__(self) -> None:
+    def __init__(self, aliases: dict[str, str] | None = None) -> None:
+        self._aliases = aliases or {}  # tied tensors: every name maps to the first one
         self._sets = UnionFind()
         self._elements: list[_Element] = []
         self._param_axes: list[tuple[int, ParamAxis]] = []
@@ -213,6 +214,7 @@ class SpaceFinder:
 
     def freeze_parameter_axis(self, param: str, axis: int, reason: str) -> None:
         """Whatever space axis ``axis`` of ``param`` belongs to (now or later) is frozen."""
+        param = self._aliases.get(param, param)
         if reason not in self._frozen_axes[(param, axis)]:
             self._frozen_axes[(param, axis)].append(reason)
 
@@ -256,8 +258,10 @@ class SpaceFinder:
     def touch(self, param: str, axis: int, role: Role, value: Channels) -> None:
         """Parameter ``param`` reads (role "in") or writes (role "out") ``value`` along ``axis``.
 
-        Touching the same parameter axis twice (a layer called twice) unites the spaces.
+        Touching the same parameter axis twice (a layer called twice, a tied weight under
+        either of its names) unites the spaces; the first touch gives the axis its role.
         """
+        param = self._aliases.get(param, param)
         key = (param, axis)
         previous = self._layout.get(key)
         if previous is not None:

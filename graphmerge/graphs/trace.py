@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from graphmerge.evaluation.metrics import evaluating, input_hint
-from graphmerge.fold import state_tensors
+from graphmerge.fold import state_tensors, tensor_aliases
 from graphmerge.graphs import parameters
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
 from graphmerge.graphs.parameters import FromParameters
@@ -157,6 +160,11 @@ ONE_OPERAND_NAMES = (
 )
 
 TracedValue = Value | FromParameters
+# Weights recomputed by a forward pre-hook: (how it was applied, how to remove it).
+HOOKED_NORMS = {
+    WeightNorm: ("weight_norm", "remove_weight_norm"),
+    SpectralNorm: ("spectral_norm", "remove_spectral_norm"),
+}
 
 
 def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> ModelGraph:
@@ -175,11 +183,12 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Model
         >>> graph.check_symmetries(torch.randn(2, 1, 8, 8)) < 1e-4
         True
     """
+    check_plain_model(model)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     with evaluating(model), torch.no_grad():
         module = _symbolic_trace(model)
         _propagate_shapes(module, model, inputs)
-    walker = _Walker(module, set(state_tensors(model)))
+    walker = _Walker(module, set(state_tensors(model)), tensor_aliases(model))
     for node in module.graph.nodes:
         walker.visit(node, model)
     try:
@@ -189,6 +198,39 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Model
             f"graphmerge could not build the graph of {type(model).__name__}: "
             f"{type(error).__name__}: {error}. {TRACE_HINT}"
         ) from error
+
+
+def check_plain_model(model: nn.Module, label: str = "the model") -> None:
+    """A clear error for models graphmerge cannot merge as they are, naming the fix:
+    wrappers (torch.compile, DataParallel) and weights computed by parametrizations."""
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise GraphTraceError(
+            f"{label} is wrapped by torch.compile: merge the model inside it, model._orig_mod "
+            "(compile the merged model afterwards if you like)"
+        )
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise GraphTraceError(
+            f"{label} is wrapped by {type(model).__name__}: merge the model inside it, model.module"
+        )
+    for path, module in model.named_modules():
+        layer = path or type(model).__name__
+        if parametrize.is_parametrized(module):
+            names = ", ".join(module.parametrizations.keys())
+            raise GraphTraceError(
+                f"layer {layer} of {label} computes {names} through a parametrization "
+                "(weight_norm, spectral_norm, orthogonal, ...): graphmerge permutes stored "
+                f"weights; remove it first with torch.nn.utils.parametrize."
+                f"remove_parametrizations(layer, {names.split(', ')[0]!r}) (the current "
+                "values are kept), then merge"
+            )
+        for hook in module._forward_pre_hooks.values():
+            if type(hook) in HOOKED_NORMS:
+                applied, remove = HOOKED_NORMS[type(hook)]
+                raise GraphTraceError(
+                    f"layer {layer} of {label} computes {hook.name} with torch.nn.utils."
+                    f"{applied}: graphmerge permutes stored weights; remove it first with "
+                    f"torch.nn.utils.{remove}(layer), then merge"
+                )
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
@@ -252,10 +294,12 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 class _Walker:
     """Visits fx nodes in order, giving each output a channel structure."""
 
-    def __init__(self, module: fx.GraphModule, tensor_names: set[str]) -> None:
+    def __init__(
+        self, module: fx.GraphModule, tensor_names: set[str], aliases: dict[str, str]
+    ) -> None:
         self.module = module
         self.tensor_names = tensor_names
-        self.finder = SpaceFinder()
+        self.finder = SpaceFinder(aliases)
         self.recorder = GraphRecorder(self.finder)
         self.values: dict[fx.Node, TracedValue] = {}
 

@@ -6,7 +6,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from graphmerge.matching_functions.common import feature_width, permutation_match
+from graphmerge.matching_functions.common import (
+    feature_width,
+    permutation_match,
+    unit_similarity,
+)
 from graphmerge.matching_functions.registry import Statistics, register
 
 
@@ -25,10 +29,11 @@ def permute(stats: Statistics, num_models: int) -> tuple[Tensor, Tensor]:
     """Align every model to model 0 by the permutation of maximal total feature correlation.
 
     For i > 0: pi_i = argmax_pi sum_k corr(model 0 unit k, model i unit pi(k)) (linear
-    assignment); M averages matched units, U_i[pi_i(k), k] = 1.
+    assignment; units constant on the data are paired by their values, see
+    ``unit_similarity``); M averages matched units, U_i[pi_i(k), k] = 1.
     """
     width = feature_width(stats, num_models)
-    correlation = stats.correlation.detach().cpu().double()
+    correlation = unit_similarity(stats)
     partners = [torch.arange(width)]
     for model in range(1, num_models):
         block = correlation[:width, model * width : (model + 1) * width]

@@ -1,4 +1,5 @@
-"""Shared pieces of matching functions: the per-model width and matrices from partners."""
+"""Shared pieces of matching functions: the per-model width, the similarity of units, and
+merge/unmerge matrices from partners or clusters."""
 
 from __future__ import annotations
 
@@ -18,6 +19,38 @@ def feature_width(stats: Statistics, num_models: int) -> int:
     if total % num_models:
         raise ValueError(f"{total} features cannot be split into {num_models} models")
     return total // num_models
+
+
+# A unit whose standard deviation is below this share of the space's scale (its largest
+# root mean square) is constant on the data: what varies is float32 rounding, which a deep
+# stack of layers brings to about 1e-5 of the values it sums.
+CONSTANT_RTOL = 1e-4
+
+
+def unit_similarity(stats: Statistics) -> Tensor:
+    """The correlation of every pair of the N*d units, defined for constant units too.
+
+    A unit constant on the data (a dead channel, a zeroed row with its bias) correlates
+    with nothing, so correlation alone cannot tell such units apart and matches them at
+    random. A pair of which one unit is constant (std below 1e-4 of the space's largest
+    root mean square) gets 1 - |m_u - m_v| / (|m_u| + |m_v| + s) instead (m the means,
+    s the space's largest std): 1 for equal values, as for a unit and its permuted copy,
+    and less the further apart they are.
+    """
+    correlation = stats.correlation.detach().cpu().double().clone()
+    mean = stats.mean.detach().cpu().double()
+    variance = stats.covariance.detach().cpu().double().diagonal().clamp_min(0)
+    if not variance.numel():
+        return correlation
+    std, scale = variance.sqrt(), float((variance + mean**2).sqrt().max())
+    constant = std <= CONSTANT_RTOL * scale
+    if not bool(constant.any()):
+        return correlation
+    gap = (mean[:, None] - mean[None, :]).abs()
+    spread = mean.abs()[:, None] + mean.abs()[None, :] + float(std.max())
+    close = 1.0 - gap / spread.clamp_min(torch.finfo(torch.float64).tiny)
+    either = constant[:, None] | constant[None, :]
+    return torch.where(either, close, correlation)
 
 
 def permutation_match(partners: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ def preserve_first(
     position: int,
     k: int = 1,
     inner: str = "zip",
+    num_spaces: int | None = None,
     **inner_hparams: object,
 ) -> tuple[Tensor, Tensor]:
     """Keep the first k mergeable spaces side by side; merge the rest with ``inner``.
@@ -29,12 +30,19 @@ def preserve_first(
     Identical to ``merge(method=inner, start_at=k)``.
 
     Args:
-        k: >= 0, how many spaces (in topological order) stay unmerged (default 1).
+        k: >= 0, how many spaces (in topological order) stay unmerged (default 1); at most
+            ``num_spaces`` (the merge engine passes the graph's count of mergeable spaces).
         inner: a features matching function, e.g. "zip", "permute", "cca", "identity".
         **inner_hparams: passed on to ``inner``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"preserve_first needs an integer k >= 0, got {k!r}")
+    if num_spaces is not None and k > num_spaces:
+        raise ValueError(
+            f"preserve_first k={k} is out of range: the graph has {num_spaces} mergeable "
+            f"spaces, so k must be in 0..{num_spaces} (k={num_spaces} merges nothing: the "
+            "ensemble)"
+        )
     wrapped = entry(inner)
     if wrapped.kind != "features":
         raise ValueError(

@@ -6,7 +6,8 @@ A matching function is pure. Three kinds exist:
   ``stats`` has ``mean``, ``covariance`` and ``correlation`` of the N models'
   concatenated features (N*d), ``merge`` is (d', N*d) and ``unmerge`` (N*d, d').
 - ``"scope"``: a features function that also receives ``position``, the index of
-  the space among the mergeable spaces (preserve-first merging).
+  the space among the mergeable spaces, and ``num_spaces``, their count (preserve-first
+  merging).
 - ``"weights"``: needs no features; ``fn(states, graph, spaces, **hparams)``
   returns a ``WeightMatching`` (a permutation per space and model).
 """
@@ -57,7 +58,7 @@ class Entry:
     @property
     def hyperparameters(self) -> dict[str, object]:
         """Keyword arguments with their defaults (``inspect.Parameter.empty`` if required)."""
-        skipped = {"stats", "num_models", "states", "graph", "spaces", "position"}
+        skipped = {"stats", "num_models", "states", "graph", "spaces", "position", "num_spaces"}
         return {
             name: parameter.default
             for name, parameter in inspect.signature(self.function).parameters.items()

@@ -69,7 +69,7 @@ def weight_matching(
             (e.g. an MLP whose first layer has 2 units). MergeMany (N > 2) starts every
             model at the identity.
     """
-    _check(states, max_sweeps)
+    _check(states, max_sweeps, seed)
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     if len(states) > 2:
@@ -98,7 +98,7 @@ def merge_many(
     permutations.
     """
     problem = _Problem(graph, spaces)
-    _check(states, max_rounds)
+    _check(states, max_rounds, seed)
     tensors = [problem.tensors(state) for state in states]
     generator = torch.Generator().manual_seed(seed)
     permutations = [problem.identity() for _ in states]
@@ -128,11 +128,13 @@ def merge_many(
     return WeightMatching(problem.per_model(permutations), objective, max_rounds)
 
 
-def _check(states: Sequence[State], max_sweeps: int) -> None:
+def _check(states: Sequence[State], max_sweeps: int, seed: int) -> None:
     if len(states) < 2:
         raise ValueError("weight matching needs the state dicts of at least 2 models")
     if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
         raise ValueError(f"max_sweeps must be a positive integer, got {max_sweeps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
 
 
 class _Problem:

@@ -9,12 +9,17 @@ rows whose maximum was one of the two fused units.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from graphmerge.matching_functions.common import feature_width, membership_match
+from graphmerge.matching_functions.common import (
+    feature_width,
+    membership_match,
+    unit_similarity,
+)
 from graphmerge.matching_functions.registry import Statistics, register
 
 PAPER = "Stoica et al. 2024, ZipIt! Merging Models from Different Tasks without Training, ICLR"
@@ -31,7 +36,8 @@ def zipit(
 ) -> tuple[Tensor, Tensor]:
     """Fuse the most correlated pair of units (any models) until ``merged_width`` remain.
 
-    Greedy on the correlation C of all N*d units: fuse argmax C[u, v]; the fused
+    Greedy on the correlation C of all N*d units (constant units compared by their values,
+    see ``unit_similarity``): fuse argmax C[u, v]; the fused
     cluster's similarity is alpha * min of the two (alpha = 0: never again with units
     of its models); a model's within-model fusions are capped at int(beta * F / N),
     F = N*d - d'. U = cluster membership, M = (U / column sums)^T.
@@ -51,7 +57,7 @@ def zipit(
         )
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
         raise ValueError(f"zip needs a finite beta >= 0, got {beta!r}")
-    correlation = stats.correlation.detach().cpu().double().numpy()
+    correlation = unit_similarity(stats).numpy()
     labels = greedy_clusters(correlation, num_models, target, float(alpha), float(beta))
     return membership_match(torch.as_tensor(labels), target)
 
@@ -86,13 +92,16 @@ def greedy_clusters(
     Same clusters as the published greedy algorithm: the pair taken at each step
     is the first maximum in row-major order of the remaining clusters, a cluster
     is represented by its smallest unit and a fusion is within-model when the two
-    representatives come from one model.
+    representatives come from one model. Where the published code would go on with
+    blocked pairs (its argmax of -inf: any pair), here the within-model budgets are
+    lifted with a warning once they block every pair left (with N >= 3 models the
+    defaults get there: clusters gather on model 0's representatives), and the fusion
+    goes on by the same rule.
     """
     total = similarity.shape[0]
     width = total // num_models
     fusions = total - merged_width
-    sims = np.array(similarity, dtype=np.float64, copy=True)
-    np.fill_diagonal(sims, -np.inf)
+    sims = _unblocked(similarity)
     origin = np.arange(total) // width
     members = np.zeros((total, num_models), dtype=bool)  # models present in each cluster
     members[np.arange(total), origin] = True
@@ -100,30 +109,33 @@ def greedy_clusters(
     parent = np.arange(total)
     budget_size = int(beta * fusions / num_models + 1e-9)
     budget = np.full(num_models, budget_size)
+    budgets_apply, history = True, []
     row_best = sims.argmax(axis=1)
     row_max = sims[np.arange(total), row_best]
     for step in range(fusions):
         first = int(row_max.argmax())
+        if row_max[first] == -np.inf and budgets_apply and budget.min() <= 0:
+            warnings.warn(
+                f"zip: the within-model budgets ({budget_size} fusions per model, beta={beta}) "
+                f"block every pair left after {step} of {fusions} fusions of {num_models} "
+                "models; the other fusions ignore them (a larger beta keeps them)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            budgets_apply = False
+            sims = _replayed(similarity, history, origin, num_models, alpha)
+            _refresh(sims, np.flatnonzero(alive), row_max, row_best)
+            first = int(row_max.argmax())
         if row_max[first] == -np.inf:
             raise ValueError(
-                f"zip found no admissible pair after {step} of {fusions} fusions (every pair "
-                f"left is blocked: within-model pairs once each model's budget of "
-                f"{int(budget_size)} fusions (beta={beta}) is spent, and with alpha=0 clusters "
-                f"that share a model): use a larger beta, alpha > 0 or a larger merged_width"
+                f"zip found no admissible pair after {step} of {fusions} fusions: with "
+                "alpha=0 a cluster never fuses again with units of its models; use alpha > 0 "
+                "or a larger merged_width"
             )
         second = int(row_best[first])
         keep, drop = min(first, second), max(first, second)
-        fused = np.minimum(sims[keep], sims[drop])
-        if alpha > 0:
-            fused *= alpha
-        else:
-            members[keep] |= members[drop]
-            fused[(members & members[keep]).any(axis=1)] = -np.inf
-        fused[keep] = fused[drop] = -np.inf
-        sims[drop, :] = -np.inf
-        sims[:, drop] = -np.inf
-        sims[keep, :] = fused
-        sims[:, keep] = fused
+        history.append((keep, drop))
+        fused = _fuse(sims, members, keep, drop, alpha)
         alive[drop] = False
         parent[drop] = keep
         row_max[drop] = -np.inf
@@ -133,7 +145,7 @@ def greedy_clusters(
         raised &= (fused > row_max) | ((fused == row_max) & (keep < row_best))
         row_max[raised] = fused[raised]
         row_best[raised] = keep
-        if origin[keep] == origin[drop]:
+        if budgets_apply and origin[keep] == origin[drop]:
             model = origin[keep]
             budget[model] -= 1
             if budget[model] <= 0:
@@ -147,6 +159,44 @@ def greedy_clusters(
             break
         parent = grand
     return np.cumsum(alive)[parent] - 1
+
+
+def _unblocked(similarity: np.ndarray) -> np.ndarray:
+    sims = np.array(similarity, dtype=np.float64, copy=True)
+    np.fill_diagonal(sims, -np.inf)
+    return sims
+
+
+def _fuse(sims: np.ndarray, members: np.ndarray, keep: int, drop: int, alpha: float) -> np.ndarray:
+    """Cluster ``drop`` into ``keep`` in place: its row is the damped minimum of the two."""
+    fused = np.minimum(sims[keep], sims[drop])
+    if alpha > 0:
+        fused *= alpha
+    else:
+        members[keep] |= members[drop]
+        fused[(members & members[keep]).any(axis=1)] = -np.inf
+    fused[keep] = fused[drop] = -np.inf
+    sims[drop, :] = -np.inf
+    sims[:, drop] = -np.inf
+    sims[keep, :] = fused
+    sims[:, keep] = fused
+    return fused
+
+
+def _replayed(
+    similarity: np.ndarray,
+    history: list[tuple[int, int]],
+    origin: np.ndarray,
+    num_models: int,
+    alpha: float,
+) -> np.ndarray:
+    """The similarities of the clusters of ``history`` as if no budget had blocked a pair."""
+    sims = _unblocked(similarity)
+    members = np.zeros((len(origin), num_models), dtype=bool)
+    members[np.arange(len(origin)), origin] = True
+    for keep, drop in history:
+        _fuse(sims, members, keep, drop, alpha)
+    return sims
 
 
 def _refresh(sims: np.ndarray, rows: np.ndarray, row_max: np.ndarray, row_best: np.ndarray) -> None:

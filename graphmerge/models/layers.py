@@ -44,8 +44,14 @@ def norm1d(norm: str, features: int) -> nn.Module:
 
 
 def scaled(width: int, width_multiplier: float) -> int:
-    """Round ``width * width_multiplier`` to a whole number of units (at least 1)."""
+    """Round ``width * width_multiplier`` to a whole number of units; a multiplier that would
+    leave a layer with less than one unit is an error, not a silent width of 1."""
     check_width_multiplier(width_multiplier)
+    if width * width_multiplier < 1:
+        raise ValueError(
+            f"width_multiplier={width_multiplier:g} leaves a layer of {width} units with "
+            f"{width * width_multiplier:.3g} units: give at least {1 / width:.3g}"
+        )
     return max(1, round(width * width_multiplier))
 
 

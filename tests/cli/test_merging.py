@@ -114,6 +114,9 @@ def test_plain_state_dicts_need_model(checkpoints, tmp_path, capsys):
         (["--method", "zip", "--set", "gamma=1"], "gamma"),
         (["--stop-at", "9"], "stop_at=9 is out of range"),
         (["--start-at", "nope"], "start_at='nope' is not a mergeable space"),
+        (["--method", "preserve_first", "--set", "k=99"], "preserve_first k=99 is out of range"),
+        (["--method", "weight_matching", "--set", "seed=1.5"], "seed must be a whole number"),
+        (["--device", "cuda:9" if torch.cuda.is_available() else "cuda"], "cuda"),
     ],
 )
 def test_merge_errors_name_the_problem(checkpoints, tmp_path, capsys, extra, message):
@@ -139,6 +142,37 @@ def test_merge_refuses_missing_incompatible_and_overwriting(checkpoints, tmp_pat
     garbage.write_bytes(b"not a torch file")
     assert main(["merge", a, str(garbage), "--out", str(tmp_path / "m.pt")]) == 2
     assert "not a readable PyTorch file" in capsys.readouterr().err
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main(["merge", a, b, "--out", str(folder), "--quiet"]) == 2  # before any work
+    assert f"--out {folder} is a folder: give the file to write" in capsys.readouterr().err
+    assert main(["evaluate", str(folder)]) == 2
+    assert "is a folder, not a checkpoint file" in capsys.readouterr().err
+
+
+def test_an_interrupted_compare_leaves_no_table_without_its_plot(
+    checkpoints, tmp_path, capsys, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gm.plots, "plot_comparison", interrupted)
+    out = tmp_path / "results"
+    args = ["compare", str(checkpoints["a"]), str(checkpoints["b"]), "--methods", "identity"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 130
+    assert "graphmerge compare: interrupted" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # neither the CSV nor a temporary file
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        f"{sys.executable} -m graphmerge models | head -1", shell=True, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "mlp" and "Traceback" not in done.stderr
 
 
 def test_compare_prints_the_grid_and_writes_csv_and_png(checkpoints, tmp_path, capsys):

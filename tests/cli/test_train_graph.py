@@ -75,7 +75,12 @@ def test_train_is_deterministic_and_honours_mlp_options(tmp_path, capsys):
     "args, message",
     [
         (["--model", "resnet18"], "Did you mean torchvision:resnet18"),
-        (["--model", "mlp", "--width", "0"], "--width must be a finite number > 0"),
+        (["--model", "mlp", "--width", "0"], "argument --width: must be a finite number > 0"),
+        (["--model", "mlp", "--width", "1e-9"], "leaves a layer of 512 units with 5.12e-07"),
+        (["--model", "mlp", "--warmup-epochs", "-1"], "--warmup-epochs: must be a finite number"),
+        (["--model", "mlp", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+        (["--model", "mlp", "--lr", "nan"], "argument --lr: must be a finite number > 0"),
+        (["--model", "mlp", "--device", "cuda"], "CUDA is not available here"),
         (["--model", "mlp", "--classes", "5-3"], "end is below the start"),
         (["--model", "mlp", "--classes", "0-10"], r"classes \[10\] are outside"),
         (["--model", "resnet20", "--hidden", "8"], "--hidden applies to --model mlp only"),
@@ -164,6 +169,8 @@ def test_graph_command_hand_written_and_from_checkpoint(tmp_path, capsys):
         (["graph", "--model", "resnet20", "--hand-written", "--hidden", "4"], "--hidden applies"),
         (["graph", "--checkpoint", "missing.pt"], "checkpoint not found"),
         (["graph", "--model", "torchvision:resnet18", "--hand-written"], "no hand-written graph"),
+        (["graph", "--model", "mlp", "--trials", "0"], "argument --trials: must be >= 1, got 0"),
+        (["graph", "--model", "mlp", "--trials", "x"], "must be a whole number, got 'x'"),
     ],
 )
 def test_graph_command_errors(args, message, capsys):

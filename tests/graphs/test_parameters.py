@@ -253,3 +253,35 @@ def test_shape_propagation_failures_are_graph_trace_errors(monkeypatch):
 def test_an_input_the_model_rejects_is_a_graph_trace_error_naming_the_shape():
     with pytest.raises(GraphTraceError, match=r"example input \(2, 5, 4, 4\) does not fit"):
         trace(LayerScaled(), torch.randn(2, 5, 4, 4))
+
+
+# -- tied weights ------------------------------------------------------------------------------
+class Tied(nn.Module):
+    """An embedding and an output head sharing one tensor (GPT-2's LM head), an MLP between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, WIDTH)
+        self.fc = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 12, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.fc(self.embed(tokens)))).mean(1)
+
+
+def test_tied_weights_unite_their_spaces_and_stay_tied():
+    model = randomize_statistics(Tied()).eval()
+    tokens = torch.randint(0, 12, (64, 5), generator=torch.Generator().manual_seed(0))
+    graph = trace(model, tokens)
+    # the embedding's columns and the head's columns are one tensor: one space
+    assert [s.name for s in graph.spaces] == ["input", "embed", "output"]
+    assert {"embed.weight", "fc.weight", "fc.bias"} <= set(graph.space("embed").params)
+    assert graph.check_symmetries(tokens, relative=True) < 1e-5
+    permuted = graph.permute(graph.random_permutations(seed=1))
+    assert permuted.head.weight is permuted.embed.weight
+    for method, kwargs in [("permute", {"weights": 1.0}), ("permute", {}), ("zip", {})]:
+        merged = gm.merge([model, permuted], [tokens], method, progress=False, **kwargs)
+        assert merged.head.weight is merged.embed.weight, method
+        with torch.no_grad():
+            assert relative_error(model(tokens), merged(tokens)) < 1e-5, (method, kwargs)

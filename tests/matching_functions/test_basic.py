@@ -50,3 +50,36 @@ def test_registry(monkeypatch):
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in reference.state_dict().items())
     with pytest.raises(ValueError, match="non-empty name"):
         register("")
+
+
+def constant_copies(width=10, constants=4, seed=0):
+    """Model 0's features and a permuted copy; the first ``constants`` units are constant on
+    the data with distinct values (a zeroed row with its bias)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(200, width, generator=generator, dtype=torch.float64)
+    features[:, :constants] = torch.linspace(-1.0, 2.0, constants, dtype=torch.float64)
+    perm = torch.randperm(width, generator=generator)
+    return features, features[:, perm], perm
+
+
+def test_constant_units_are_told_apart_by_their_values():
+    features, copy, perm = constant_copies()
+    stats = stats_of(features, copy)
+    similarity = gm.matching_functions.common.unit_similarity(stats)
+    assert torch.allclose(stats.correlation[0, 10:], torch.zeros(10, dtype=torch.float64))
+    partner = int(torch.argsort(perm)[0])  # the copy's unit holding model 0's unit 0
+    assert similarity[0, 10 + partner] == 1.0
+    assert (similarity[0, 10:].topk(2).values[1] < 0.9).item()  # the others are further
+    varying = torch.cat([torch.arange(10) >= 4, perm >= 4])  # the copy's unit k is unit perm[k]
+    torch.testing.assert_close(  # pairs of varying units keep their correlation
+        similarity[varying][:, varying], stats.correlation[varying][:, varying]
+    )
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_permute_and_zip_match_constant_units_to_their_copies(method):
+    features, copy, _ = constant_copies()
+    kwargs = {"beta": 0.0} if method == "zip" else {}
+    merge, unmerge = get(method)(stats_of(features, copy), 2, **kwargs)
+    merged = torch.cat([features, copy], dim=1) @ merge.T  # the merged features
+    torch.testing.assert_close(merged @ unmerge[:10].T, features)  # each unit recovered

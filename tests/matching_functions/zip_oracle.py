@@ -17,9 +17,13 @@ def oracle_clusters(
     width = total // num_models
     sims = correlation.clone().double()
     sims.fill_diagonal_(-math.inf)
+    free = sims.clone()  # the same without the budgets' blocks, for when they block every pair
     clusters = [[unit] for unit in range(total)]
     budget = [int(beta * (total - merged_width) / num_models + 1e-9)] * num_models
+    budgets_apply = True
     while len(clusters) > merged_width:
+        if budgets_apply and sims.max() == -math.inf:
+            sims, budgets_apply = free, False  # the budgets are lifted
         first, second = divmod(int(sims.reshape(-1).argmax()), len(clusters))
         row, col = min(first, second), max(first, second)
         if sims[row, col] == -math.inf:
@@ -27,20 +31,25 @@ def oracle_clusters(
         row_origin, col_origin = clusters[row][0] // width, clusters[col][0] // width
         clusters[row] = sorted(clusters[row] + clusters[col])
         del clusters[col]
-        fused = torch.minimum(sims[row], sims[col])
-        if alpha > 0:
-            fused = fused * alpha
-        sims[row, :] = fused
-        sims[:, row] = fused
-        sims[row, row] = -math.inf
         keep = [k for k in range(sims.shape[0]) if k != col]
-        sims = sims[keep][:, keep]
-        if alpha <= 0:
-            models = {unit // width for unit in clusters[row]}
-            for k, cluster in enumerate(clusters):
-                if models & {unit // width for unit in cluster}:
-                    sims[row, k] = sims[k, row] = -math.inf
-        if row_origin == col_origin:
+        fused_matrices = []
+        for matrix in (sims, free) if budgets_apply else (sims,):
+            fused = torch.minimum(matrix[row], matrix[col])
+            if alpha > 0:
+                fused = fused * alpha
+            matrix[row, :] = fused
+            matrix[:, row] = fused
+            matrix[row, row] = -math.inf
+            matrix = matrix[keep][:, keep]
+            if alpha <= 0:
+                models = {unit // width for unit in clusters[row]}
+                for k, cluster in enumerate(clusters):
+                    if models & {unit // width for unit in cluster}:
+                        matrix[row, k] = matrix[k, row] = -math.inf
+            fused_matrices.append(matrix)
+        sims = fused_matrices[0]
+        free = fused_matrices[1] if budgets_apply else sims
+        if budgets_apply and row_origin == col_origin:
             budget[row_origin] -= 1
             if budget[row_origin] <= 0:
                 same = [k for k, c in enumerate(clusters) if c[0] // width == row_origin]
