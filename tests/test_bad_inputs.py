@@ -335,3 +335,11 @@ def test_a_matching_function_returning_bad_matrices_is_refused(
     monkeypatch.setitem(registry._REGISTRY, "broken", entry)
     with pytest.raises(error, match=message):
         merge(method="broken")
+
+
+def test_a_model_of_two_inputs_merges_by_weight_matching_on_a_tuple_example():
+    models = [TwoInputs(), TwoInputs()]
+    x = inputs(16)
+    merged = gm.Merger(models, example_input=(x, x), progress=False).merge("weight_matching")
+    with torch.no_grad():
+        assert merged.model(x, x).shape == (16, 2)

@@ -117,6 +117,18 @@ def test_help_reads_well_and_entry_point_runs():
     assert version.strip() == f"graphmerge {gm.__version__}"
 
 
+def test_help_says_how_many_checkpoints_each_command_takes(capsys):
+    for command, expected in [
+        ("evaluate", "a checkpoint (from `graphmerge train`"),
+        ("interpolate", "2 checkpoints of one architecture"),
+        ("merge", "2 or more checkpoints of one architecture"),
+        ("models", "example: graphmerge models"),
+        ("matchers", "example: graphmerge matchers"),
+    ]:
+        assert main([command, "--help"]) == 0
+        assert expected in " ".join(capsys.readouterr().out.split()), command
+
+
 def test_models_command_lists_architectures(capsys):
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()

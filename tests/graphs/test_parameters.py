@@ -285,3 +285,17 @@ def test_tied_weights_unite_their_spaces_and_stay_tied():
         assert merged.head.weight is merged.embed.weight, method
         with torch.no_grad():
             assert relative_error(model(tokens), merged(tokens)) < 1e-5, (method, kwargs)
+
+
+def test_models_with_constants_of_forward_merge():
+    """torch.fx keeps ``torch.tensor(...)`` of forward on the traced module only: the
+    statistics pass must find it there (it raised AttributeError '_tensor_constant0')."""
+    model = randomize_statistics(Untracked(lambda m, a, b: a * m.p.view(1, -1, 1, 1) + b
+                                           + torch.tensor(0.5)))  # fmt: skip
+    x = inputs(16, 3, 4, 4)
+    graph = trace(model, x)
+    permuted = graph.permute(graph.random_permutations(seed=1))
+    for method in ("permute", "zip"):
+        merged = gm.merge([model, permuted], [x], method, graph=graph, progress=False)
+        with torch.no_grad():
+            assert relative_error(model(x), merged(x)) < 1e-4, method
