@@ -254,7 +254,7 @@ def _reader_root(model: nn.Module, traced: fx.GraphModule, fx_graph: fx.Graph) -
             root[node.target] = model.get_submodule(node.target)
         elif node.op == "get_attr":
             owner = model if _has_attribute(model, node.target) else traced
-            root[node.target] = _attribute(owner, node.target)
+            root[node.target] = operator.attrgetter(node.target)(owner)
     return root
 
 
@@ -265,13 +265,6 @@ def _has_attribute(module: nn.Module, path: str) -> bool:
             return False
         owner = getattr(owner, part)
     return True
-
-
-def _attribute(module: nn.Module, path: str) -> object:
-    owner: object = module
-    for part in path.split("."):
-        owner = getattr(owner, part)
-    return owner
 
 
 class FeatureReader:

@@ -125,14 +125,24 @@ def _recipe_shape(
 
 
 def add_models(commands: argparse._SubParsersAction) -> None:
+    _add_listing(
+        commands, "models", run_models, "list the architectures graphmerge can build",
+        "List every architecture name `graphmerge train --model` accepts.",
+    )  # fmt: skip
+
+
+def _add_listing(
+    commands: argparse._SubParsersAction, name: str, handler, help: str, description: str
+) -> None:
+    """A command without arguments that prints a list."""
     parser = commands.add_parser(
-        "models",
-        help="list the architectures graphmerge can build",
-        description="List every architecture name `graphmerge train --model` accepts.",
-        epilog="example: graphmerge models",
+        name,
+        help=help,
+        description=description,
+        epilog=f"example: graphmerge {name}",
         formatter_class=HelpFormatter,
     )
-    parser.set_defaults(handler=run_models)
+    parser.set_defaults(handler=handler)
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -142,14 +152,11 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def add_matchers(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "matchers",
-        help="list the matching functions with their papers and hyper-parameters",
-        description="List the matching functions, their hyper-parameters and their papers.",
-        epilog="example: graphmerge matchers",
-        formatter_class=HelpFormatter,
-    )
-    parser.set_defaults(handler=run_matchers)
+    _add_listing(
+        commands, "matchers", run_matchers,
+        "list the matching functions with their papers and hyper-parameters",
+        "List the matching functions, their hyper-parameters and their papers.",
+    )  # fmt: skip
 
 
 def run_matchers(args: argparse.Namespace) -> int:

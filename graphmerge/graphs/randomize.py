@@ -16,8 +16,8 @@ NORM_RANGES = {
     "running_mean": (-0.5, 0.5),
     "running_var": (0.5, 2.0),
 }
-SCALE_RANGE = (0.5, 1.5)  # vectors: layer scales, gates, tokens, PReLU slopes
-BIAS_RANGE = (-0.5, 0.5)
+SCALE_RANGE = NORM_RANGES["weight"]  # vectors: layer scales, gates, tokens, PReLU slopes
+BIAS_RANGE = NORM_RANGES["bias"]
 MIN_STD = 0.02  # the smallest spread given to a matrix that had none (a zero head, a table)
 
 
