@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from graphmerge import matching_functions, normalization
 from graphmerge._atomic import atomic_write
-from graphmerge.evaluation import Ensemble, evaluate, labelled_batches
+from graphmerge.batches import labelled_batches
+from graphmerge.evaluation import Ensemble, evaluate
 from graphmerge.merge import OUTPUTS, Merger, MergeResult
 
 DEFAULT_METHODS = ("identity", "permute", "zip", "cca", "weight_matching", "preserve_first")
@@ -148,7 +149,9 @@ def compare(
     with bar:
         for method, scope in grid:
             options = dict(hparams.get(method, {}))
-            matched = merger.merge(method, scope.start_at, scope.stop_at, output, **options)
+            matched = merger.merge(
+                method, start_at=scope.start_at, stop_at=scope.stop_at, output=output, **options
+            )
             for normalize in normalizations:
                 bar.set_postfix_str(_name(method, normalize, scope, options))
                 result = (
@@ -181,11 +184,7 @@ def _check_grid(
     if isinstance(normalizations, str) or not normalizations:
         raise ValueError("normalizations must be a non-empty list such as [None, 'repair']")
     for normalize in normalizations:
-        if normalize is not None and normalize not in normalization.NORMALIZATIONS:
-            raise ValueError(
-                f"unknown normalization {normalize!r}: choose from None, "
-                f"{', '.join(normalization.NORMALIZATIONS)}"
-            )
+        normalization.check_name(normalize)
     if any(normalize is not None for normalize in normalizations) and loader is None:
         raise ValueError("normalizations need data: pass loader= (a fixed-order loader)")
     if output not in OUTPUTS:
@@ -194,7 +193,7 @@ def _check_grid(
         if not isinstance(scope, Scope):
             raise TypeError(f"scopes must hold Scope objects, got a {type(scope).__name__}")
         merger.scope(scope.start_at, scope.stop_at)  # raises on an unknown space or index
-    needs_data = any(matching_functions.entry(m).kind != "weights" for m in methods)
+    needs_data = any(matching_functions.entry(m).needs_statistics for m in methods)
     if needs_data and merger.statistics is None:
         raise ValueError("the merger holds no statistics: call merger.collect(loader) first")
 

@@ -1,10 +1,15 @@
 """The fold: W_merged = sum_i M_out,i . W_i . U_in,i for every parameter and buffer.
 
+Its vocabulary is the bottom of graphmerge: a :class:`ChannelRun` is ``width``
+channels at ``offset`` along an axis, each repeated ``repeat`` times in a row (a
+flattened C x H x W map); a :class:`ParamAxis` is a run of a parameter axis that
+belongs to a space; a :class:`Match` is how one space is merged.
+
 Each space carries, per model i, a map for the axes that write it (the merge
 matrix block M_i, shape (d', d)) and one for the axes that read it (U_i^T, the
-transposed unmerge block, also (d', d)). A parameter axis made of several blocks
+transposed unmerge block, also (d', d)). A parameter axis made of several runs
 (a concatenation) or of repeated channels (a flattened C x H x W map) is folded
-block by block. Spaces without maps (input, frozen ones, averaged outputs) keep
+run by run. Spaces without maps (input, frozen ones, averaged outputs) keep
 their axes as they are: the parameter is then averaged over the models.
 """
 
@@ -15,13 +20,79 @@ import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # graphs imports fold: a runtime import here would be circular
-    from graphmerge.graphs.spaces import ParamAxis
+Role = Literal["out", "in"]
+
+
+class ChannelRun:
+    """``width`` channels from position ``offset`` of an axis, each ``repeat`` times in a row.
+
+    The one vocabulary of channel runs: a parameter axis block (:class:`ParamAxis`), a
+    space's part of a concatenation (``graphs.Block``). Subclasses are frozen dataclasses
+    with the fields ``offset``, ``width`` and ``repeat``.
+    """
+
+    offset: int
+    width: int
+    repeat: int
+
+    @property
+    def size(self) -> int:
+        """Positions the run covers along its axis: width * repeat."""
+        return self.width * self.repeat
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.size
+
+    def units(self, tensor: Tensor, axis: int) -> Tensor:
+        """The run's positions of ``axis`` as two axes (width, repeat): one per channel."""
+        part = tensor.narrow(axis, self.offset, self.size)
+        shape = part.shape
+        return part.reshape(*shape[:axis], self.width, self.repeat, *shape[axis + 1 :])
+
+    def rows(self, tensor: Tensor, axis: int) -> Tensor:
+        """The run's channels as rows: (width, everything else), repeats kept with their channel."""
+        return self.units(tensor, axis).movedim(axis, 0).reshape(self.width, -1)
+
+
+@dataclass(frozen=True)
+class ParamAxis(ChannelRun):
+    """One run of a parameter axis that belongs to a space.
+
+    ``role`` is "out" where the parameter writes the space (conv output channels,
+    biases, norm parameters and buffers: folded with the merge matrix) and "in"
+    where it reads it (conv input channels: folded with the unmerge matrix).
+    Positions ``offset`` .. ``offset + width * repeat`` of ``axis`` hold the space,
+    each channel repeated ``repeat`` times consecutively.
+    """
+
+    param: str
+    axis: int
+    role: Role
+    offset: int = 0
+    width: int = 0
+    repeat: int = 1
+
+    def __str__(self) -> str:
+        repeat = f" x{self.repeat}" if self.repeat > 1 else ""
+        return f"{self.param}:{self.axis}[{self.offset}:{self.stop}]{repeat} ({self.role})"
+
+
+@dataclass(frozen=True)
+class Match:
+    """How one space is merged: ``merge`` (d', N*d) and ``unmerge`` (N*d, d')."""
+
+    merge: Tensor
+    unmerge: Tensor
+
+    @property
+    def merged_width(self) -> int:
+        return self.merge.shape[0]
 
 
 def state_tensors(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
@@ -141,7 +212,7 @@ def fold_tensors(
 ) -> Tensor:
     """Fold one parameter of N models: sum_i (maps applied to tensor i), averaged if unmerged.
 
-    ``param_axes`` lists (space name, ParamAxis) blocks of this parameter. The
+    ``param_axes`` lists (space name, ParamAxis) runs of this parameter. The
     sum is divided by N (or weighted by ``weights``, one per model) unless an axis
     that writes a mapped space carries the weighting itself (merge matrices already
     average).
@@ -149,17 +220,17 @@ def fold_tensors(
     if not tensors[0].is_floating_point():
         return tensors[0].clone()  # counters such as num_batches_tracked
     by_axis: dict[int, list[tuple[str, ParamAxis]]] = defaultdict(list)
-    for space, block in param_axes:
+    for space, param_axis in param_axes:
         if space in maps:
-            by_axis[block.axis].append((space, block))
+            by_axis[param_axis.axis].append((space, param_axis))
     if not by_axis and all(torch.equal(tensors[0], tensor) for tensor in tensors[1:]):
         return tensors[0].clone()  # shared by every model (tables, masks): kept exactly
-    weighted = any(block.role == "out" for blocks in by_axis.values() for _, block in blocks)
+    weighted = any(run.role == "out" for runs in by_axis.values() for _, run in runs)
     total: Tensor | None = None
     for model, tensor in enumerate(tensors):
         folded = tensor.detach()
-        for axis, blocks in sorted(by_axis.items()):
-            folded = _fold_axis(folded, axis, blocks, maps, model)
+        for axis, runs in sorted(by_axis.items()):
+            folded = _fold_axis(folded, axis, runs, maps, model)
         if not weighted and weights is not None:
             folded = folded * weights[model].item()
         total = folded if total is None else total + folded
@@ -169,24 +240,20 @@ def fold_tensors(
 def _fold_axis(
     tensor: Tensor,
     axis: int,
-    blocks: list[tuple[str, ParamAxis]],
+    param_axes: list[tuple[str, ParamAxis]],
     maps: Mapping[str, SpaceMaps],
     model: int,
 ) -> Tensor:
     pieces: list[Tensor] = []
     position = 0
-    for space, block in sorted(blocks, key=lambda item: item[1].offset):
-        if block.offset > position:  # channels of unmapped spaces stay as they are
-            pieces.append(tensor.narrow(axis, position, block.offset - position))
-        size = block.width * block.repeat
-        part = tensor.narrow(axis, block.offset, size)
-        shape = part.shape
-        part = part.reshape(*shape[:axis], block.width, block.repeat, *shape[axis + 1 :])
+    for space, param_axis in sorted(param_axes, key=lambda item: item[1].offset):
+        if param_axis.offset > position:  # channels of unmapped spaces stay as they are
+            pieces.append(tensor.narrow(axis, position, param_axis.offset - position))
         space_maps = maps[space]
-        axis_map = (space_maps.write if block.role == "out" else space_maps.read)[model]
-        part = axis_map.apply(part, axis)
-        pieces.append(part.reshape(*shape[:axis], -1, *shape[axis + 1 :]))
-        position = block.offset + size
+        axis_map = (space_maps.write if param_axis.role == "out" else space_maps.read)[model]
+        part = axis_map.apply(param_axis.units(tensor, axis), axis)
+        pieces.append(part.flatten(axis, axis + 1))
+        position = param_axis.stop
     if position < tensor.shape[axis]:
         pieces.append(tensor.narrow(axis, position, tensor.shape[axis] - position))
     return torch.cat(pieces, dim=axis)
@@ -201,7 +268,7 @@ def fold_state_dicts(
 ) -> dict[str, Tensor]:
     """Fold every entry of N state dicts (same keys) into one merged state dict.
 
-    ``param_axes`` maps parameter names to their (space, ParamAxis) blocks;
+    ``param_axes`` maps parameter names to their (space, ParamAxis) runs;
     ``aliases`` maps a state-dict key to the name its tensor is known by in the
     graph (a module reached by two paths); ``weights`` (one per model, summing to 1)
     replace the plain average of parameters no merge matrix weights.

@@ -10,69 +10,25 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from graphmerge import matching_functions, normalization
-from graphmerge.evaluation import check_loader, evaluating, model_device, on_device
-from graphmerge.fold import AxisMap, SpaceMaps, fold_state_dicts, state_tensors
-from graphmerge.graphs import ModelGraph, Space, trace
-from graphmerge.graphs.trace import check_plain_model
+from graphmerge.batches import batch_inputs, check_loader
+from graphmerge.fold import AxisMap, Match, SpaceMaps, fold_state_dicts, state_tensors
+from graphmerge.graphs import ModelGraph, Space, check_plain_model, trace
+from graphmerge.matching_functions import MatchingProblem
 from graphmerge.resize import resized_copy
-from graphmerge.statistics import SpaceStatistics, batch_inputs, collect_statistics
+from graphmerge.results import MergeResult
+from graphmerge.runtime import evaluating, model_device, on_device
+from graphmerge.statistics import SpaceStatistics, collect_statistics
 from graphmerge.weighting import model_weights, reweighted
 
 Output = Literal["average", "concat"]
 OUTPUTS = ("average", "concat")
 EXAMPLE_BATCH = 8
-
-
-@dataclass(frozen=True)
-class Match:
-    """How one space is merged: ``merge`` (d', N*d) and ``unmerge`` (N*d, d')."""
-
-    merge: Tensor
-    unmerge: Tensor
-
-    @property
-    def merged_width(self) -> int:
-        return self.merge.shape[0]
-
-
-@dataclass
-class MergeResult:
-    """A merged model and how it was made.
-
-    Attributes:
-        model: the merged nn.Module (a new object; the inputs are untouched).
-        matches: the Match of every mergeable space, merged or kept side by side.
-        merged: names of the spaces merged by the method; the other mergeable
-            spaces are kept unmerged (width N*d) by start_at / stop_at.
-        method, output: as requested; seconds: wall time of matching, fold and
-            normalization.
-        details: what the method reports besides the matrices (weight matching:
-            ``objective`` per sweep and ``sweeps``), and ``normalization``: the
-            ``Renormalized`` report of REPAIR / RESCALE.
-        graph: the models' graph (what ``gm.normalization.repair`` needs).
-        weights: the models' weights (None: 1/N each); ``matches`` hold the method's
-            own matrices, folded as ``gm.weighting.reweighted(merge, weights)``.
-        normalize: the normalization applied to ``model`` (None, "reset", "repair",
-            "rescale").
-    """
-
-    model: nn.Module
-    matches: dict[str, Match]
-    merged: list[str]
-    method: str
-    output: str
-    seconds: dict[str, float] = field(default_factory=dict)
-    details: dict[str, object] = field(default_factory=dict)
-    graph: ModelGraph | None = None
-    weights: Tensor | None = None
-    normalize: str | None = None
 
 
 class Merger:
@@ -143,6 +99,7 @@ class Merger:
     def merge(
         self,
         method: str = "permute",
+        *,
         start_at: int | str | None = None,
         stop_at: int | str | None = None,
         output: Output = "average",
@@ -167,34 +124,37 @@ class Merger:
         entry.check_hyperparameters(hparams)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-        _check_normalize(normalize, loader)
+        normalization.check_name(normalize, loader)
         weight = None if weights is None else model_weights(weights, len(self.models))
         first, last = self.scope(start_at, stop_at)
         merged = [space.name for space in self.spaces[first:last]]
-        if merged and entry.kind != "weights" and self.statistics is None:
+        if merged and entry.needs_statistics and self.statistics is None:
             raise ValueError(
                 f"method {method!r} needs feature statistics: call collect(loader) first"
             )
         count = len(self.models)
         started = time.perf_counter()
-        details: dict[str, object] = {}
-        permutations: dict[str, list[Tensor]] = {}
-        if entry.kind == "weights" and merged:
-            states = [state_tensors(model) for model in self.models]
-            found = entry.function(states, self.graph, spaces=merged, **hparams)
-            permutations = found.permutations
-            details = {"objective": found.objective, "sweeps": found.sweeps}
+        problem = MatchingProblem(
+            graph=self.graph,
+            spaces=self.spaces[first:last],
+            num_models=count,
+            positions={space.name: index for index, space in enumerate(self.spaces)},
+            num_spaces=len(self.spaces),
+            statistics=self.statistics,
+            states=[state_tensors(model) for model in self.models],
+            models=self.models,
+            loader=loader,
+        )
+        solution = entry.solve(problem, hparams)
         matches: dict[str, Match] = {}
-        for position, space in enumerate(self.spaces):
-            if space.name not in merged:
+        for space in self.spaces:
+            if space.name in merged:
+                found = solution.matches.get(space.name)
+                matches[space.name] = _checked(found, space, count, method)
+            else:
                 eye = torch.eye(count * space.width, dtype=torch.float64)
                 matches[space.name] = Match(eye, eye)
-                continue
-            if entry.kind == "weights":
-                match = Match(*matching_functions.permutation_match(permutations[space.name]))
-            else:
-                match = self._match(entry, space, position, hparams)
-            matches[space.name] = _checked(match, space, count, method)
+        details = dict(solution.details)
         result = MergeResult(
             model=None, matches=matches, merged=merged, method=method, output=output,
             seconds={"matching": time.perf_counter() - started}, details=details,
@@ -218,7 +178,7 @@ class Merger:
             >>> aligned = merger.merge("permute")
             >>> path = [merger.reweight(aligned, alpha).model for alpha in (0, 0.25, 0.5)]
         """
-        _check_normalize(normalize, loader)
+        normalization.check_name(normalize, loader)
         weight = None if weights is None else model_weights(weights, len(self.models))
         details = {k: v for k, v in result.details.items() if k != "normalization"}
         again = MergeResult(
@@ -245,32 +205,15 @@ class Merger:
     def _normalize(self, result: MergeResult, normalize: str, loader: Iterable) -> None:
         """Replace ``result.model`` by its normalized copy (RESET, REPAIR or RESCALE)."""
         check_single_input(self.graph)
-        if normalize == "reset":
-            result.model = normalization.reset_bn(result.model, loader)
-        else:
-            report = normalization.renormalize(
-                result.model, self.models, loader, self.graph, result.matches,
-                weights=result.weights, mode=normalize, progress=self.progress,
-                reference_cache=self._reference_moments,
-            )  # fmt: skip
-            result.model = report.model
-            result.details["normalization"] = report
+        request = normalization.NormalizationRequest(
+            result.model, self.models, loader, self.graph, result.matches,
+            weights=result.weights, progress=self.progress,
+            reference_cache=self._reference_moments,
+        )  # fmt: skip
+        report = normalization.normalize(normalize, request)
+        result.model = report.model
+        result.details["normalization"] = report
         result.normalize = normalize
-
-    def _match(
-        self,
-        entry: matching_functions.Entry,
-        space: Space,
-        position: int,
-        hparams: dict[str, object],
-    ) -> Match:
-        stats, count = self.statistics[space.name], len(self.models)
-        scope = {"position": position, "num_spaces": len(self.spaces)}
-        context = scope if entry.kind == "scope" else {}
-        try:
-            return Match(*entry.function(stats, count, **context, **hparams))
-        except ValueError as error:
-            raise ValueError(f"{entry.name} on space {space.name!r}: {error}") from error
 
     def scope(self, start_at: int | str | None, stop_at: int | str | None) -> tuple[int, int]:
         """Indices [first, last) into ``spaces`` of the spaces start_at / stop_at merge."""
@@ -333,7 +276,9 @@ def _space_maps(match: Match, count: int) -> SpaceMaps:
     )
 
 
-def _checked(match: Match, space: Space, count: int, method: str) -> Match:
+def _checked(match: Match | None, space: Space, count: int, method: str) -> Match:
+    if not isinstance(match, Match):
+        raise ValueError(f"{method} returned no Match for space {space.name!r}")
     total = count * space.width
     merge, unmerge = match.merge, match.unmerge
     if merge.dim() != 2 or unmerge.dim() != 2:
@@ -360,18 +305,6 @@ def check_single_input(graph: ModelGraph) -> None:
             "merge it with method='weight_matching', which needs no data, or wrap the model so "
             "that it takes one tensor"
         )
-
-
-def _check_normalize(normalize: str | None, loader: Iterable | None) -> None:
-    if normalize is None:
-        return
-    if normalize not in normalization.NORMALIZATIONS:
-        raise ValueError(
-            f"unknown normalization {normalize!r}: choose one of "
-            f"{', '.join(normalization.NORMALIZATIONS)} (or None)"
-        )
-    if loader is None:
-        raise ValueError(f"normalize={normalize!r} needs data: pass loader=")
 
 
 def _placed(example: Tensor | tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, ...]:
@@ -446,6 +379,7 @@ def merge(
     models: Sequence[nn.Module],
     loader: Iterable | None,
     method: str = "permute",
+    *,
     start_at: int | str | None = None,
     stop_at: int | str | None = None,
     output: Output = "average",
@@ -482,19 +416,19 @@ def merge(
     check_models(models, same_device=device is None)
     if loader is not None:
         check_loader(loader)
-    _check_normalize(normalize, loader)
+    normalization.check_name(normalize, loader)
     if normalize is not None and iter(loader) is loader:
         raise ValueError(
             f"normalize={normalize!r} passes over the data again after the statistics: "
             "give a DataLoader or a list of batches, not a one-shot iterator"
         )
     options = {"output": output, "weights": weights, "normalize": normalize, "loader": loader}
-    needs_data = matching_functions.entry(method).kind != "weights"
+    needs_data = matching_functions.entry(method).needs_statistics
     if loader is None:
         if needs_data:
             raise ValueError(f"method {method!r} needs a data loader for its feature statistics")
         merger = Merger(models, graph, example_input, progress, device)
-        return merger.merge(method, start_at, stop_at, **options, **hparams).model
+        return merger.merge(method, start_at=start_at, stop_at=stop_at, **options, **hparams).model
     batches = iter(loader)
     first = next(batches, None)
     if first is None:

@@ -22,14 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from graphmerge.batches import labelled_batches
 from graphmerge.checkpoints import load_checkpoint, save_checkpoint
-from graphmerge.evaluation import (
-    check_labels,
-    evaluate,
-    labelled_batches,
-    run_model,
-    smallest_training_batch,
-)
+from graphmerge.evaluation import check_labels, evaluate
+from graphmerge.runtime import run_model, smallest_training_batch
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")

@@ -12,8 +12,8 @@ import torch
 from conftest import state_hash
 
 import graphmerge as gm
-from graphmerge.evaluation import on_device
 from graphmerge.matching_functions import registry
+from graphmerge.runtime import on_device
 
 NAN = float("nan")
 
@@ -331,8 +331,8 @@ def test_a_matching_function_returning_bad_matrices_is_refused(
     def broken(stats, num_models):
         return returned(stats.mean.shape[0] // num_models)
 
-    entry = registry.Entry("broken", broken, "features", "")
-    monkeypatch.setitem(registry._REGISTRY, "broken", entry)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register("broken")(broken)
     with pytest.raises(error, match=message):
         merge(method="broken")
 

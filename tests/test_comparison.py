@@ -192,7 +192,7 @@ def test_errors_come_before_any_merge(same_task, monkeypatch):
         ({"methods": "permute"}, ValueError, "methods must be a non-empty list"),
         ({"methods": []}, ValueError, "methods must be a non-empty list"),
         ({"normalizations": [None, "repiar"], "loader": fixed}, ValueError,
-         "unknown normalization 'repiar': choose from None, reset, repair, rescale"),
+         r"unknown normalization 'repiar': choose one of reset, repair, rescale \(or None\)"),
         ({"normalizations": "repair", "loader": fixed}, ValueError,
          "normalizations must be a non-empty list"),
         ({"normalizations": [None, "repair"]}, ValueError,

@@ -5,7 +5,7 @@ import torch
 
 import graphmerge as gm
 from graphmerge.cli import main
-from graphmerge.evaluation import model_device, on_device
+from graphmerge.runtime import model_device, on_device
 from graphmerge.statistics import collect_statistics
 
 

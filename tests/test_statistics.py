@@ -128,7 +128,7 @@ def test_in_place_activations_do_not_corrupt_pre_activation_features():
 def test_reused_buffers_hold_the_same_features_and_are_rewritten(monkeypatch):
     """reuse=True: the values of a fresh reader, in tensors rewritten at the next call
     (also through an in-place ReLU that follows the read point)."""
-    monkeypatch.setattr(gm.statistics, "REUSE_BYTES", 0)  # reuse even these small features
+    monkeypatch.setattr(gm.statistics.reader, "REUSE_BYTES", 0)  # reuse even these small features
     model = calibrated(InPlace(), torch.randn(16, 3, 4, 4))
     graph = trace(model, torch.randn(2, 3, 4, 4))
     fresh = FeatureReader(model, graph, graph.mergeable_spaces)
@@ -164,7 +164,7 @@ def test_hand_built_graphs_read_features_with_hooks():
     a, b = (gm.models.build("resnet20", seed=s) for s in (0, 1))
     x = torch.randn(8, 3, 8, 8)
     traced = collect_statistics([a, b], trace(a, x), [x], progress=False)
-    built = collect_statistics([a, b], gm.graphs.resnet20_graph(a), [x], progress=False)
+    built = collect_statistics([a, b], gm.models.resnet20_graph(a), [x], progress=False)
     assert set(traced) == set(built)
     for key in traced:
         assert torch.allclose(traced[key].outer, built[key].outer, rtol=1e-5), key

@@ -70,7 +70,7 @@ def run_graph(args: argparse.Namespace) -> int:
     model = graphs.randomize_statistics(model, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     example = torch.randn((4, *shape), generator=generator)
-    graph = graphs.reference_graph(model) if args.hand_written else graphs.trace(model, example)
+    graph = models.reference_graph(model) if args.hand_written else graphs.trace(model, example)
     print(graph.summary())
     change = graph.check_symmetries(example, trials=args.trials, seed=args.seed)
     with torch.no_grad():

@@ -114,7 +114,7 @@ def _merge(args: argparse.Namespace, device: str) -> int:
     merger = _collect(sources, loaders, args, [method], [scope], device)
     collected = time.perf_counter()
     result = merger.merge(
-        method, scope.start_at, scope.stop_at, _output(sources),
+        method, start_at=scope.start_at, stop_at=scope.stop_at, output=_output(sources),
         normalize=normalize, loader=loaders.statistics, **hparams,
     )  # fmt: skip
     seconds = time.perf_counter() - collected
@@ -305,7 +305,7 @@ def _collect(
                     device=device)  # fmt: skip
     for scope in scopes:
         merger.scope(scope.start_at, scope.stop_at)  # an unknown space fails before the pass
-    if any(matching_functions.entry(method).kind != "weights" for method in methods):
+    if any(matching_functions.entry(method).needs_statistics for method in methods):
         merger.collect(loaders.statistics, max_samples=args.max_samples)
     return merger
 
@@ -322,12 +322,7 @@ def _method(name: str) -> str:
 def _normalization(name: str) -> str | None:
     if name == NONE:
         return None
-    if name not in normalization.NORMALIZATIONS:
-        raise ValueError(
-            f"unknown normalization {name!r}: choose none, "
-            f"{', '.join(normalization.NORMALIZATIONS)}"
-        )
-    return name
+    return normalization.check_name(name, none=NONE)
 
 
 def _hparams(pairs: list[str]) -> dict[str, Any]:

@@ -17,19 +17,7 @@ from graphmerge.evaluation.curves import (
     loss_barrier,
 )
 from graphmerge.evaluation.ensemble import Ensemble
-from graphmerge.evaluation.metrics import (
-    check_labels,
-    check_loader,
-    check_logits,
-    copy_model,
-    evaluate,
-    evaluating,
-    labelled_batches,
-    model_device,
-    on_device,
-    run_model,
-    smallest_training_batch,
-)
+from graphmerge.evaluation.metrics import check_labels, check_logits, evaluate
 
 __all__ = [
     "Curve",
@@ -37,16 +25,8 @@ __all__ = [
     "accuracy_barrier",
     "alpha_grid",
     "check_labels",
-    "check_loader",
     "check_logits",
-    "copy_model",
     "evaluate",
-    "evaluating",
     "interpolation_curve",
-    "labelled_batches",
     "loss_barrier",
-    "model_device",
-    "on_device",
-    "run_model",
-    "smallest_training_batch",
 ]

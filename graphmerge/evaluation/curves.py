@@ -18,14 +18,12 @@ import itertools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from graphmerge.evaluation.metrics import evaluate
-
-if TYPE_CHECKING:
-    from graphmerge.merge import Merger
+from graphmerge.merge import Merger
 
 
 @dataclass

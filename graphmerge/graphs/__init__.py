@@ -4,7 +4,8 @@ A *space* is a set of channel axes that must always be transformed together
 (a conv's output channels, everything elementwise after it, everything joined
 to it by a residual add). ``trace`` finds them automatically with torch.fx;
 ``GraphBuilder`` builds a graph by hand; ``ModelGraph.check_symmetries`` proves
-either kind exact by permuting every space at random.
+either kind exact by permuting every space at random. What graphmerge knows about each
+layer type is its rule (``LayerRule``); ``register_layer`` adds one for your own layer.
 
 Example:
     >>> import torch, graphmerge as gm
@@ -15,25 +16,29 @@ Example:
 """
 
 from graphmerge.graphs.builder import GraphBuilder
-from graphmerge.graphs.model_graph import ModelGraph, NodeKind
+from graphmerge.graphs.layers import LayerCall, LayerRule, NormRule, register_layer, rule_for
+from graphmerge.graphs.model_graph import ModelGraph
+from graphmerge.graphs.nodes import GraphNode, NodeKind
 from graphmerge.graphs.randomize import randomize_statistics
-from graphmerge.graphs.reference import mlp_graph, reference_graph, resnet20_graph, vgg_graph
 from graphmerge.graphs.spaces import Block, Concatenation, ParamAxis, Space
-from graphmerge.graphs.trace import GraphTraceError, trace
+from graphmerge.graphs.trace import GraphTraceError, check_plain_model, trace
 
 __all__ = [
     "Block",
     "Concatenation",
     "GraphBuilder",
+    "GraphNode",
     "GraphTraceError",
+    "LayerCall",
+    "LayerRule",
     "ModelGraph",
     "NodeKind",
+    "NormRule",
     "ParamAxis",
     "Space",
-    "mlp_graph",
+    "check_plain_model",
     "randomize_statistics",
-    "reference_graph",
-    "resnet20_graph",
+    "register_layer",
+    "rule_for",
     "trace",
-    "vgg_graph",
 ]

@@ -8,11 +8,14 @@ uses, and ``check_symmetries`` proves the result against the real model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from graphmerge.fold import tensor_aliases
+from graphmerge.graphs.layers import DEFAULT_RULE, LayerCall, apply_layer, rule_for
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
-from graphmerge.graphs.rules import apply_module, module_category
+from graphmerge.graphs.operations import PRODUCT, SUM, category
 from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
 
 
@@ -48,11 +51,16 @@ class GraphBuilder:
         """The model input (shared by all models, never permuted)."""
         return self._add(name, NodeKind.INPUT, "input", [], self._finder.input_channels(0))
 
-    def add_module(self, source: str, path: str) -> str:
-        """Call the layer at ``path`` on the output of node ``source``."""
+    def add_module(self, source: str | Sequence[str], path: str) -> str:
+        """Call the layer at ``path`` on the output of node ``source`` (a list of nodes for a
+        layer that reads several tensors, in the order of its ``forward``)."""
         module = self._module(path)
-        value = apply_module(self._finder, module, path, self._value(source))
-        return self._add(path, NodeKind.MODULE, path, [source], value, module_category(module))
+        sources = [source] if isinstance(source, str) else list(source)
+        inputs = [self._value(s) for s in sources]
+        call = LayerCall(self._finder, module, path, inputs, [None] * len(inputs))
+        value = apply_layer(call)
+        category = (rule_for(module) or DEFAULT_RULE).category
+        return self._add(path, NodeKind.MODULE, path, sources, value, category)
 
     def add_sequence(self, source: str, *paths: str) -> str:
         """Call layers one after another; an ``nn.Sequential`` path stands for its children."""
@@ -64,12 +72,12 @@ class GraphBuilder:
     def add_sum(self, *sources: str, name: str = "add") -> str:
         """Elementwise sum (a residual connection): the summands' spaces become one."""
         value = self._finder.join([self._value(s) for s in sources], name)
-        return self._add(name, NodeKind.FUNCTION, "add", list(sources), value, "add")
+        return self._add(name, NodeKind.FUNCTION, SUM, list(sources), value, category(SUM))
 
     def add_product(self, *sources: str, name: str = "mul") -> str:
         """Elementwise product (gating, squeeze-and-excitation): the factors' spaces become one."""
         value = self._finder.join([self._value(s) for s in sources], name)
-        return self._add(name, NodeKind.FUNCTION, "mul", list(sources), value)
+        return self._add(name, NodeKind.FUNCTION, PRODUCT, list(sources), value)
 
     def add_concat(self, *sources: str, name: str = "cat") -> str:
         """Concatenation along channels: a block-structured tensor of the sources' spaces."""

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import networkx as nx
+from torch import nn
 
 from graphmerge._atomic import atomic_write
+from graphmerge.graphs.nodes import GraphNode
+from graphmerge.graphs.spaces import Concatenation, Space
 
-if TYPE_CHECKING:
-    from graphmerge.graphs.model_graph import ModelGraph
+
+class ModelGraph(Protocol):
+    """What the reports read of a ModelGraph (which calls them: this module is below it)."""
+
+    model: nn.Module
+    graph: nx.DiGraph
+    spaces: list[Space]
+    concatenations: list[Concatenation]
+    source: str
+
+    @property
+    def mergeable_spaces(self) -> list[Space]: ...
+
+    @property
+    def frozen_spaces(self) -> list[Space]: ...
+
+    @property
+    def coverage(self) -> float: ...
+
+    def space(self, key: int | str) -> Space: ...
+
+    def node(self, key: str) -> GraphNode: ...
+
 
 KIND_COLOURS = {
     "input": "#9ecae1",
@@ -59,11 +83,11 @@ def summary(graph: ModelGraph) -> str:
 
 
 def _label(graph: ModelGraph, node: str) -> str:
-    data = graph.graph.nodes[node]
-    kind = data["kind"].value
-    label = data["target"] if kind == "module" else data["name"]
+    found = graph.node(node)
+    kind = found.kind.value
+    label = found.target if kind == "module" else found.name
     if kind in ("merge", "unmerge"):
-        space = graph.space(data["target"])
+        space = graph.space(found.target)
         label = f"{kind.upper()}\n{space.name} ({space.width})"
     return label
 
@@ -76,9 +100,9 @@ def to_dot(graph: ModelGraph) -> str:
         "  rankdir=TB;",
         '  node [shape=box, style=filled, fontname="Helvetica"];',
     ]
-    for node, data in graph.graph.nodes(data=True):
+    for node in graph.graph.nodes:
         label = _label(graph, node).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        colour = KIND_COLOURS[data["kind"].value]
+        colour = KIND_COLOURS[graph.node(node).kind.value]
         lines.append(f'  {ids[node]} [label="{label}", fillcolor="{colour}"];')
     for source, target in graph.graph.edges:
         lines.append(f"  {ids[source]} -> {ids[target]};")
@@ -111,7 +135,7 @@ def draw(graph: ModelGraph, path: str, title: str | None = None) -> str:
         node_size=1200,
     )
     for node, (x, y) in positions.items():
-        kind = graph.graph.nodes[node]["kind"].value
+        kind = graph.node(node).kind.value
         axes.text(
             x,
             y,

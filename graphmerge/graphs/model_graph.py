@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -21,6 +20,8 @@ from graphmerge.fold import (
     state_tensors,
     tensor_aliases,
 )
+from graphmerge.graphs import drawing
+from graphmerge.graphs.nodes import GraphNode, NodeKind
 from graphmerge.graphs.spaces import (
     Block,
     Channels,
@@ -30,18 +31,7 @@ from graphmerge.graphs.spaces import (
     SpaceFinder,
     Value,
 )
-
-
-class NodeKind(str, enum.Enum):
-    """What a graph node is."""
-
-    INPUT = "input"
-    OUTPUT = "output"
-    MODULE = "module"
-    FUNCTION = "function"
-    MERGE = "merge"
-    UNMERGE = "unmerge"
-
+from graphmerge.runtime import evaluating
 
 # Where a space's features are read, from most to least preferred: pre-activation
 # values (a residual sum, a norm output, a layer output) keep the sign information a
@@ -79,9 +69,8 @@ class GraphRecorder:
         value: Value = None,
         category: str = "",
     ) -> None:
-        self.graph.add_node(
-            key, kind=kind, name=key, target=target, inputs=list(inputs), shape=shape
-        )
+        node = GraphNode(key, kind, target, tuple(inputs), shape)
+        self.graph.add_node(key, **node.attributes())
         for source in inputs:
             self.graph.add_edge(source, key)
         self._values[key] = value
@@ -158,12 +147,10 @@ def _insert_merge_nodes(graph: nx.DiGraph, spaces: list[Space]) -> None:
             continue
         merge, unmerge = f"merge[{space.name}]", f"unmerge[{space.name}]"
         successors = list(graph.successors(space.merge_point))
-        graph.add_node(
-            merge, kind=NodeKind.MERGE, name=merge, target=space.name, inputs=[space.merge_point]
-        )
-        graph.add_node(
-            unmerge, kind=NodeKind.UNMERGE, name=unmerge, target=space.name, inputs=[merge]
-        )
+        read = GraphNode(merge, NodeKind.MERGE, space.name, (space.merge_point,))
+        graph.add_node(merge, **read.attributes())
+        back = GraphNode(unmerge, NodeKind.UNMERGE, space.name, (merge,))
+        graph.add_node(unmerge, **back.attributes())
         graph.add_edge(space.merge_point, merge)
         graph.add_edge(merge, unmerge)
         for successor in successors:
@@ -176,8 +163,9 @@ class ModelGraph:
 
     Attributes:
         model: the model the graph describes (never modified by graphmerge).
-        graph: networkx.DiGraph; node attributes ``kind`` (NodeKind), ``name``,
-            ``target`` (module path or op), ``inputs`` (ordered), ``shape``, ``spaces``.
+        graph: networkx.DiGraph; node attributes are the fields of :class:`GraphNode`
+            (``kind``, ``name``, ``target``, ``inputs``, ``shape``, ``spaces``,
+            ``channel_axis``); ``node(key)`` reads them typed.
         spaces: the model's spaces in topological order (see :class:`Space`).
         concatenations: tensors made of several spaces side by side (``torch.cat``).
         source: "traced" (torch.fx) or "built" (GraphBuilder).
@@ -235,11 +223,19 @@ class ModelGraph:
         names = ", ".join(space.name for space in self.spaces[:8])
         raise KeyError(f"no space named {key!r}; spaces: {names}, ...")
 
+    def node(self, key: str) -> GraphNode:
+        """The graph node ``key``, typed."""
+        return GraphNode.of(self.graph.nodes[key])
+
+    def nodes(self) -> list[GraphNode]:
+        """Every graph node, typed, in insertion order."""
+        return [GraphNode.of(data) for _, data in self.graph.nodes(data=True)]
+
     @property
     def num_inputs(self) -> int:
         """How many input tensors the model takes (traced: those the example input fed)."""
-        inputs = [data for _, data in self.graph.nodes(data=True) if data["kind"] is NodeKind.INPUT]
-        fed = [data for data in inputs if data.get("shape") is not None]
+        inputs = [node for node in self.nodes() if node.kind is NodeKind.INPUT]
+        fed = [node for node in inputs if node.shape is not None]
         return len(fed) if self.source == "traced" else len(inputs)
 
     @property
@@ -320,9 +316,7 @@ class ModelGraph:
     # -- reporting ---------------------------------------------------------------------------
     def summary(self) -> str:
         """A table of the spaces (index, name, width, status) and the coverage."""
-        from graphmerge.graphs.drawing import summary
-
-        return summary(self)
+        return drawing.summary(self)
 
     def __str__(self) -> str:
         return self.summary()
@@ -336,15 +330,11 @@ class ModelGraph:
 
     def to_dot(self) -> str:
         """The graph in Graphviz DOT (``dot -Tsvg``), coloured by node kind."""
-        from graphmerge.graphs.drawing import to_dot
-
-        return to_dot(self)
+        return drawing.to_dot(self)
 
     def draw(self, path: str, title: str | None = None) -> str:
         """Draw the graph to a PNG at ``path`` (written atomically); returns the path."""
-        from graphmerge.graphs.drawing import draw
-
-        return draw(self, path, title)
+        return drawing.draw(self, path, title)
 
     def same_spaces(self, other: ModelGraph) -> bool:
         """Whether both graphs group the same parameter axes into the same spaces."""
@@ -360,8 +350,6 @@ def _partition(graph: ModelGraph) -> set[frozenset[tuple[str, int, str, int]]]:
 
 
 def _outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:
-    from graphmerge.evaluation import evaluating
-
     with evaluating(model), torch.no_grad():
         result = model(*inputs)
     return [t.detach().double() for t in _tensors(result)]

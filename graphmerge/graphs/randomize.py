@@ -5,20 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from graphmerge.evaluation.metrics import copy_model
-from graphmerge.graphs.rules import BATCH_NORMS
-
-NORM_LAYERS = (*BATCH_NORMS, nn.LayerNorm, nn.GroupNorm)
-# Uniform ranges: a norm layer's affine and running statistics, by tensor name.
-NORM_RANGES = {
-    "weight": (0.5, 1.5),
-    "bias": (-0.5, 0.5),
-    "running_mean": (-0.5, 0.5),
-    "running_var": (0.5, 2.0),
-}
-SCALE_RANGE = NORM_RANGES["weight"]  # vectors: layer scales, gates, tokens, PReLU slopes
-BIAS_RANGE = NORM_RANGES["bias"]
-MIN_STD = 0.02  # the smallest spread given to a matrix that had none (a zero head, a table)
+from graphmerge.graphs.layers import DEFAULT_RULE, rule_for
+from graphmerge.runtime import copy_model
 
 
 def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -27,7 +15,7 @@ def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     A value that no permutation changes hides a missing permutation from
     ``check_symmetries``: BatchNorm statistics at 0 and 1, LayerNorm / GroupNorm affines
     at 1 and 0, a layer scale at 1e-6, a zero class token, bias or head. The copy holds,
-    drawn from ``seed``:
+    drawn from ``seed`` (each layer's rule draws its tensors: ``LayerRule.random_tensor``):
 
     - norm layers (and any layer with a ``running_var``): weight U(0.5, 1.5), bias and
       running mean U(-0.5, 0.5), running variance U(0.5, 2);
@@ -52,40 +40,14 @@ def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     seen: set[int] = set()
     with torch.no_grad():
         for module in randomized.modules():
-            norm = isinstance(module, NORM_LAYERS) or "running_var" in module._buffers
+            rule = rule_for(module) or DEFAULT_RULE
             for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
                 if tensor is None or id(tensor) in seen or not _randomizable(tensor):
                     continue
                 seen.add(id(tensor))
-                tensor.copy_(_random_like(tensor, name, norm, generator))
+                tensor.copy_(rule.random_tensor(module, name, tensor, generator))
     return randomized
 
 
 def _randomizable(tensor: Tensor) -> bool:
     return tensor.is_floating_point() and tensor.numel() > 1 and bool(torch.isfinite(tensor).all())
-
-
-def _random_like(tensor: Tensor, name: str, norm: bool, generator: torch.Generator) -> Tensor:
-    if (norm and name in NORM_RANGES) or name in ("running_mean", "running_var"):
-        return _uniform(tensor, NORM_RANGES[name], generator)
-    if "bias" in name:
-        return _uniform(tensor, BIAS_RANGE, generator)
-    if sum(size > 1 for size in tensor.shape) == 1:
-        return _uniform(tensor, SCALE_RANGE, generator)
-    std, mean = (value.item() for value in torch.std_mean(tensor.detach().double()))
-    if not std > 0:
-        fan_in = max(1, tensor[0].numel()) if tensor.dim() > 1 else tensor.numel()
-        std = max(fan_in**-0.5, MIN_STD)
-    noise = torch.randn(tensor.shape, generator=generator, dtype=_draw_dtype(tensor))
-    return mean + std * noise
-
-
-def _uniform(tensor: Tensor, bounds: tuple[float, float], generator: torch.Generator) -> Tensor:
-    low, high = bounds
-    draw = torch.rand(tensor.shape, generator=generator, dtype=_draw_dtype(tensor))
-    return low + (high - low) * draw
-
-
-def _draw_dtype(tensor: Tensor) -> torch.dtype:
-    """Draw in the tensor's precision (half precision draws in float32, then rounds)."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32

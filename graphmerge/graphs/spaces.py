@@ -2,7 +2,8 @@
 
 The tracer and the GraphBuilder walk a model's operations and describe every
 tensor they see by its :class:`Channels` (which tensor axis carries channels, and
-which spaces those channels belong to, block by block). Layers then tell the
+which union-find *elements* those channels belong to, one :class:`Segment` per
+element in order: a segment is a channel run whose offset is its position). Layers then tell the
 :class:`SpaceFinder` which parameter axes read or write those channels; joins
 (residual adds, gating products) unite spaces. ``SpaceFinder.spaces`` turns the
 result into the immutable :class:`Space` list of a ModelGraph.
@@ -16,7 +17,8 @@ from typing import Literal
 
 from networkx.utils import UnionFind
 
-Role = Literal["out", "in"]
+from graphmerge.fold import ChannelRun, ParamAxis, Role
+
 SpaceRole = Literal["hidden", "input", "output"]
 
 INPUT_REASON = "model input: every model reads the same input, never permuted"
@@ -75,30 +77,6 @@ Value = Channels | Unknown | None  # None: no channels at all (shapes, scalars, 
 
 
 @dataclass(frozen=True)
-class ParamAxis:
-    """One block of a parameter axis that belongs to a space.
-
-    ``role`` is "out" where the parameter writes the space (conv output channels,
-    biases, norm parameters and buffers: folded with the merge matrix) and "in"
-    where it reads it (conv input channels: folded with the unmerge matrix).
-    Positions ``offset`` .. ``offset + width * repeat`` of ``axis`` hold the space,
-    each channel repeated ``repeat`` times consecutively.
-    """
-
-    param: str
-    axis: int
-    role: Role
-    offset: int = 0
-    width: int = 0
-    repeat: int = 1
-
-    def __str__(self) -> str:
-        block = f"[{self.offset}:{self.offset + self.width * self.repeat}]"
-        repeat = f" x{self.repeat}" if self.repeat > 1 else ""
-        return f"{self.param}:{self.axis}{block}{repeat} ({self.role})"
-
-
-@dataclass(frozen=True)
 class Space:
     """A set of channel axes of a model that must be transformed together.
 
@@ -134,8 +112,8 @@ class Space:
 
 
 @dataclass(frozen=True)
-class Block:
-    """One part of a channel concatenation: ``width`` channels of ``space`` at ``offset``."""
+class Block(ChannelRun):
+    """One part of a channel concatenation: the run of ``space``'s channels at ``offset``."""
 
     space: str
     offset: int

@@ -10,31 +10,38 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from graphmerge.evaluation.metrics import evaluating, input_hint
 from graphmerge.fold import state_tensors, tensor_aliases
 from graphmerge.graphs import parameters
+from graphmerge.graphs.layers import LayerCall, rule_for, traced_whole
+from graphmerge.graphs.layers.elementwise import reshaped, spatial
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
-from graphmerge.graphs.parameters import FromParameters
-from graphmerge.graphs.rules import (
-    ELEMENTWISE_MODULES,
-    apply_module,
-    is_known_module,
-    module_category,
-    spatial,
+from graphmerge.graphs.operations import (
+    BINARY_NAMES,
+    BROADCAST_NAMES,
+    ELEMENTWISE_NAMES,
+    ONE_OPERAND_NAMES,
+    PERMUTE_NAMES,
+    REDUCTION_NAMES,
+    REFERENCE_NAMES,
+    SHAPE_NAMES,
+    SPATIAL_FUNCTIONS,
+    category,
+    name_of,
 )
-from graphmerge.graphs.shapes import broadcast_axis, reshaped_axis
+from graphmerge.graphs.parameters import FromParameters
+from graphmerge.graphs.shapes import broadcast_axis
 from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
+from graphmerge.runtime import evaluating, input_hint
 
 
 class GraphTraceError(ValueError):
@@ -49,115 +56,6 @@ TRACE_HINT = (
     "be traced)."
 )
 
-
-def _name(target: Any) -> str:
-    return getattr(target, "__name__", str(target))
-
-
-ACTIVATION_NAMES = frozenset(
-    {
-        "relu",
-        "relu_",
-        "relu6",
-        "gelu",
-        "silu",
-        "hardswish",
-        "hardsigmoid",
-        "hardtanh",
-        "leaky_relu",
-        "elu",
-        "selu",
-        "celu",
-        "mish",
-        "softplus",
-        "sigmoid",
-        "sigmoid_",
-        "tanh",
-        "tanh_",
-    }
-)
-# Ops that read their first argument only; a second is a dtype, device or shape reference.
-REFERENCE_NAMES = frozenset({"to", "type_as", "view_as", "reshape_as", "expand_as"})
-ELEMENTWISE_NAMES = ACTIVATION_NAMES | {
-    "dropout",
-    "dropout1d",
-    "dropout2d",
-    "dropout3d",
-    "alpha_dropout",
-    "feature_alpha_dropout",
-    "stochastic_depth",
-    "neg",
-    "pos",
-    "abs",
-    "exp",
-    "log",
-    "clamp",
-    "clamp_",
-    "clip",
-    "sqrt",
-    "rsqrt",
-    "reciprocal",
-    "square",
-    "softmax",
-    "log_softmax",
-    "normalize",
-    "contiguous",
-    "clone",
-    "detach",
-    "float",
-    "double",
-    "half",
-    "bfloat16",
-    "to",
-    "type_as",
-    "identity",
-}
-BINARY_NAMES = frozenset(
-    {
-        "add",
-        "add_",
-        "iadd",
-        "sub",
-        "sub_",
-        "isub",
-        "mul",
-        "mul_",
-        "imul",
-        "truediv",
-        "div",
-        "div_",
-        "itruediv",
-    }
-)
-REDUCTION_NAMES = frozenset({"mean", "sum", "amax", "amin", "std", "var", "logsumexp"})
-SHAPE_NAMES = frozenset(
-    {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
-)
-BROADCAST_NAMES = frozenset({"expand", "expand_as", "broadcast_to"})
-PERMUTE_NAMES = frozenset({"permute", "transpose", "t"})
-SPATIAL_FUNCTIONS: dict[Callable, int] = {
-    F.max_pool1d: 1,
-    F.max_pool2d: 2,
-    F.max_pool3d: 3,
-    F.avg_pool1d: 1,
-    F.avg_pool2d: 2,
-    F.avg_pool3d: 3,
-    F.adaptive_avg_pool1d: 1,
-    F.adaptive_avg_pool2d: 2,
-    F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1,
-    F.adaptive_max_pool2d: 2,
-    F.adaptive_max_pool3d: 3,
-}
-ADD_NAMES = frozenset({"add", "add_", "iadd", "sub", "sub_", "isub"})
-ONE_OPERAND_NAMES = (
-    ELEMENTWISE_NAMES
-    | SHAPE_NAMES
-    | BROADCAST_NAMES
-    | PERMUTE_NAMES
-    | REDUCTION_NAMES
-    | {"interpolate"}
-)
 
 TracedValue = Value | FromParameters
 # Weights recomputed by a forward pre-hook: (how it was applied, how to remove it).
@@ -233,9 +131,18 @@ def check_plain_model(model: nn.Module, label: str = "the model") -> None:
                 )
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the layers with a registered rule as single calls."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return traced_whole(module) or super().is_leaf_module(module, qualified_name)
+
+
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # fx and model code raise anything: report each the same way
         raise GraphTraceError(
             f"torch.fx cannot trace {type(model).__name__}: {type(error).__name__}: "
@@ -311,7 +218,7 @@ class _Walker:
             raise
         except Exception as error:  # a bug or an unforeseen argument form: never half a graph
             raise GraphTraceError(
-                f"graphmerge cannot follow node {node.name} ({node.op} {_name(node.target)}) of "
+                f"graphmerge cannot follow node {node.name} ({node.op} {name_of(node.target)}) of "
                 f"{type(model).__name__}: {type(error).__name__}: {_first_line(error)}. "
                 f"{TRACE_HINT}"
             ) from error
@@ -319,7 +226,7 @@ class _Walker:
     def _visit(self, node: fx.Node) -> None:
         value, kind, category = getattr(self, f"_{node.op}")(node)
         self.values[node] = value
-        target = node.target if isinstance(node.target, str) else _name(node.target)
+        target = node.target if isinstance(node.target, str) else name_of(node.target)
         self.recorder.add_node(
             node.name,
             kind,
@@ -360,37 +267,35 @@ class _Walker:
     def _call_module(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         path = str(node.target)
         module = self.module.get_submodule(path)
-        value = self._value(node.args[0]) if node.args else None
-        if not is_known_module(module) or len(node.all_input_nodes) != 1:
+        rule = rule_for(module)
+        inputs = [self._value(arg) for arg in node.all_input_nodes]
+        if rule is None or len(inputs) != rule.inputs:
             reason = f"unknown layer {path} ({type(module).__name__})"
             return self._unknown(node, reason), NodeKind.MODULE, ""
-        if isinstance(value, FromParameters):
-            return self._module_on_parameters(node, module, value), NodeKind.MODULE, ""
-        if isinstance(module, nn.Flatten):
-            return self._reshape(node, value), NodeKind.MODULE, "shape"
-        in_shape = _shape(node.args[0])
-        out = apply_module(
-            self.finder, module, path, value, None if in_shape is None else len(in_shape)
-        )
-        return out, NodeKind.MODULE, module_category(module)
+        if any(isinstance(value, FromParameters) for value in inputs):
+            return self._module_on_parameters(node, module, inputs), NodeKind.MODULE, ""
+        shapes = [_shape(arg) for arg in node.all_input_nodes]
+        call = LayerCall(self.finder, module, path, inputs, shapes, _shape(node))
+        return rule.channels(call), NodeKind.MODULE, rule.category
 
     def _module_on_parameters(
-        self, node: fx.Node, module: nn.Module, value: FromParameters
+        self, node: fx.Node, module: nn.Module, inputs: list[TracedValue]
     ) -> FromParameters:
-        if isinstance(module, ELEMENTWISE_MODULES):
-            return value
-        if isinstance(module, nn.Flatten):
-            return self._parameter_result(node, *parameters.reshaped(value, _shape(node)))
+        values = [value for value in inputs if isinstance(value, FromParameters)]
+        if len(inputs) == 1:
+            found, problem = rule_for(module).on_parameters(module, values[0], _shape(node) or ())
+            if not problem:
+                return found
         reason = f"{node.target} ({type(module).__name__}) is applied to parameters"
-        return self._untracked(node, [value], reason)
+        return self._untracked(node, values, reason)
 
     def _call_function(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
-        name = _name(node.target)
-        return self._function(node, name, node.target), NodeKind.FUNCTION, _category(name)
+        name = name_of(node.target)
+        return self._function(node, name, node.target), NodeKind.FUNCTION, category(name)
 
     def _call_method(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         name = str(node.target)
-        return self._function(node, name, None), NodeKind.FUNCTION, _category(name)
+        return self._function(node, name, None), NodeKind.FUNCTION, category(name)
 
     # -- functions ---------------------------------------------------------------------------
     def _function(self, node: fx.Node, name: str, target: Any) -> TracedValue:
@@ -615,15 +520,13 @@ class _Walker:
         return value.moved(value.axis - (0 if keepdim else sum(d < value.axis for d in dims)))
 
     def _reshape(self, node: fx.Node, value: Value) -> Value:
-        if not isinstance(value, Channels) or value.axis is None:
-            return value
-        in_shape, out_shape = _shape(node.args[0]), _shape(node)
-        if in_shape is None or out_shape is None or in_shape[value.axis] != value.size:
-            return self._unknown(node, f"{node.name} reshapes channels it cannot follow")
-        axis, repeat, problem = reshaped_axis(in_shape, out_shape, value.axis)
-        if problem:
-            return self._unknown(node, f"{node.name} {problem}")
-        return value.moved(axis).repeated(repeat)
+        return reshaped(
+            value,
+            _shape(node.args[0]),
+            _shape(node),
+            node.name,
+            lambda reason: self._unknown(node, reason),
+        )
 
     def _expand(self, node: fx.Node, value: Value) -> Value:
         if not isinstance(value, Channels) or value.axis is None:
@@ -670,9 +573,3 @@ class _Walker:
         elif isinstance(args, dict):
             for arg in args.values():
                 yield from self._leaves(arg)
-
-
-def _category(name: str) -> str:
-    if name in ACTIVATION_NAMES:
-        return "activation"
-    return "add" if name in ADD_NAMES else ""

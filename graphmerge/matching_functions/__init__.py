@@ -2,7 +2,8 @@
 
 Features functions take statistics and return (merge, unmerge); weight matching
 takes state dicts and returns permutations. ``available()`` lists the names and
-``entry(name)`` their kind, paper and hyper-parameters.
+``entry(name)`` their kind, paper and hyper-parameters; the engine asks an entry to
+``solve`` a ``MatchingProblem`` (see ``entries``).
 
 Example:
     >>> import graphmerge as gm
@@ -13,16 +14,23 @@ Example:
 
 from graphmerge.matching_functions.basic import identity, permute
 from graphmerge.matching_functions.cca import cca
-from graphmerge.matching_functions.common import membership_match, permutation_match
+from graphmerge.matching_functions.common import Statistics, membership_match, permutation_match
+from graphmerge.matching_functions.entries import (
+    Entry,
+    FeatureEntry,
+    MatchingFunction,
+    MatchingProblem,
+    ScopeEntry,
+    Solution,
+    WeightEntry,
+)
 from graphmerge.matching_functions.preserve_first import preserve_first
 from graphmerge.matching_functions.registry import (
-    Entry,
-    MatchingFunction,
-    Statistics,
     available,
     entry,
     get,
     register,
+    register_entry,
 )
 from graphmerge.matching_functions.weight_matching import (
     WeightMatching,
@@ -33,8 +41,13 @@ from graphmerge.matching_functions.zipit import greedy_clusters, zipit
 
 __all__ = [
     "Entry",
+    "FeatureEntry",
     "MatchingFunction",
+    "MatchingProblem",
+    "ScopeEntry",
+    "Solution",
     "Statistics",
+    "WeightEntry",
     "WeightMatching",
     "available",
     "cca",
@@ -48,6 +61,7 @@ __all__ = [
     "permute",
     "preserve_first",
     "register",
+    "register_entry",
     "weight_matching",
     "zipit",
 ]

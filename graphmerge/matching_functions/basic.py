@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from graphmerge.matching_functions.common import (
+    Statistics,
+    assignment,
     feature_width,
     permutation_match,
     unit_similarity,
 )
-from graphmerge.matching_functions.registry import Statistics, register
+from graphmerge.matching_functions.registry import register
 
 
 @register("identity", paper="weight averaging (Utans 1996; Wortsman et al. 2022, model soups)")
@@ -37,6 +38,5 @@ def permute(stats: Statistics, num_models: int) -> tuple[Tensor, Tensor]:
     partners = [torch.arange(width)]
     for model in range(1, num_models):
         block = correlation[:width, model * width : (model + 1) * width]
-        rows, columns = linear_sum_assignment(block.numpy(), maximize=True)
-        partners.append(torch.as_tensor(columns)[torch.as_tensor(rows).argsort()])
+        partners.append(assignment(block))
     return permutation_match(partners)

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from graphmerge.matching_functions.common import feature_width
-from graphmerge.matching_functions.registry import Statistics, register
+from graphmerge.matching_functions.common import Statistics, feature_width
+from graphmerge.matching_functions.registry import register
 
 PAPER = (
     "Horoi et al. 2024, Harmony in Diversity: Merging Neural Networks with Canonical "

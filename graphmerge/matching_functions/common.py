@@ -1,14 +1,27 @@
-"""Shared pieces of matching functions: the per-model width, the similarity of units, and
-merge/unmerge matrices from partners or clusters."""
+"""Shared pieces of matching functions: what statistics they read, the per-model width, the
+similarity of units, and merge/unmerge matrices from partners or clusters."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from graphmerge.matching_functions.registry import Statistics
+
+class Statistics(Protocol):
+    """What a matching function may read: moments of the concatenated features (N*d)."""
+
+    @property
+    def mean(self) -> Tensor: ...
+
+    @property
+    def covariance(self) -> Tensor: ...
+
+    @property
+    def correlation(self) -> Tensor: ...
 
 
 def feature_width(stats: Statistics, num_models: int) -> int:
@@ -51,6 +64,13 @@ def unit_similarity(stats: Statistics) -> Tensor:
     close = 1.0 - gap / spread.clamp_min(torch.finfo(torch.float64).tiny)
     either = constant[:, None] | constant[None, :]
     return torch.where(either, close, correlation)
+
+
+def assignment(similarity: Tensor) -> Tensor:
+    """The permutation k -> partner[k] maximising sum_k similarity[k, partner[k]] (scipy's
+    linear_sum_assignment on a square matrix)."""
+    rows, columns = linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)
+    return torch.as_tensor(columns)[torch.as_tensor(rows).argsort()]
 
 
 def permutation_match(partners: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from graphmerge.matching_functions.common import feature_width
-from graphmerge.matching_functions.registry import Statistics, entry, register
+from graphmerge.matching_functions.common import Statistics, feature_width
+from graphmerge.matching_functions.entries import FeatureEntry, ScopeEntry
+from graphmerge.matching_functions.registry import entry, register
 
 PAPER = (
     "preserve-first merging (PFM): the first k spaces unmerged, the counterpart of ZipIt!'s "
@@ -44,7 +45,7 @@ def preserve_first(
             "ensemble)"
         )
     wrapped = entry(inner)
-    if wrapped.kind != "features":
+    if not isinstance(wrapped, FeatureEntry) or isinstance(wrapped, ScopeEntry):
         raise ValueError(
             f"preserve_first wraps a features matching function, not {inner!r} ({wrapped.kind}); "
             f"use merge(method={inner!r}, start_at={k}) instead"

@@ -1,6 +1,8 @@
-"""The registry of matching functions: ``get(name)``, ``register(name)``, ``available()``.
+"""The registry of matching methods: ``register(name)``, ``entry(name)``, ``get(name)``,
+``available()``.
 
-A matching function is pure. Three kinds exist:
+A matching function is pure. ``register`` files it under one of three kinds of entry
+(see ``entries``):
 
 - ``"features"``: ``fn(stats, num_models, **hparams) -> (merge, unmerge)`` where
   ``stats`` has ``mean``, ``covariance`` and ``correlation`` of the N models'
@@ -10,106 +12,66 @@ A matching function is pure. Three kinds exist:
   merging).
 - ``"weights"``: needs no features; ``fn(states, graph, spaces, **hparams)``
   returns a ``WeightMatching`` (a permutation per space and model).
+
+Any other kind of method is an ``Entry`` subclass with its own ``solve``, registered
+with ``register_entry``.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable
 
-from torch import Tensor
+from graphmerge.matching_functions.entries import ENTRY_KINDS, Entry, MatchingFunction
 
-
-class Statistics(Protocol):
-    """What a matching function may read: moments of the concatenated features (N*d)."""
-
-    @property
-    def mean(self) -> Tensor: ...
-
-    @property
-    def covariance(self) -> Tensor: ...
-
-    @property
-    def correlation(self) -> Tensor: ...
-
-
-MatchingFunction = Callable[..., object]
-Kind = Literal["features", "scope", "weights"]
-KINDS = ("features", "scope", "weights")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A registered matching function with what a listing shows about it."""
-
-    name: str
-    function: MatchingFunction
-    kind: Kind
-    paper: str
-
-    @property
-    def summary(self) -> str:
-        """The first line of the function's docstring."""
-        return (inspect.getdoc(self.function) or "").split("\n")[0]
-
-    @property
-    def hyperparameters(self) -> dict[str, object]:
-        """Keyword arguments with their defaults (``inspect.Parameter.empty`` if required)."""
-        skipped = {"stats", "num_models", "states", "graph", "spaces", "position", "num_spaces"}
-        return {
-            name: parameter.default
-            for name, parameter in inspect.signature(self.function).parameters.items()
-            if name not in skipped
-            and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
-        }
-
-    def check_hyperparameters(self, hparams: Mapping[str, object]) -> None:
-        """A clear error naming the accepted hyper-parameters if one in ``hparams`` is not."""
-        parameters = inspect.signature(self.function).parameters.values()
-        if any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters):
-            return
-        unknown = sorted(set(hparams) - set(self.hyperparameters))
-        if unknown:
-            accepted = ", ".join(self.hyperparameters) or "none"
-            raise ValueError(
-                f"matching function {self.name!r} has no hyper-parameter {', '.join(unknown)}; "
-                f"it accepts: {accepted}"
-            )
+KINDS = tuple(ENTRY_KINDS)
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
 def register(
-    name: str, kind: Kind = "features", paper: str = ""
+    name: str, kind: str = "features", paper: str = ""
 ) -> Callable[[MatchingFunction], MatchingFunction]:
-    """Decorator that registers a matching function under ``name``.
+    """Decorator that registers a matching function under ``name`` as a ``kind`` entry.
 
     Example:
         >>> @gm.matching_functions.register("mine", paper="My et al. 2026")
         ... def mine(stats, num_models, **hparams):
         ...     return merge, unmerge
     """
-
-    if not name or not isinstance(name, str):
-        raise ValueError(f"a matching function needs a non-empty name, got {name!r}")
-    if kind not in KINDS:
+    _check_name(name)
+    if kind not in ENTRY_KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
     def decorator(function: MatchingFunction) -> MatchingFunction:
-        _REGISTRY[name] = Entry(name, function, kind, paper)
+        register_entry(ENTRY_KINDS[kind](name, function, paper))
         return function
 
     return decorator
 
 
+def register_entry(found: Entry) -> Entry:
+    """Register an ``Entry`` (any subclass, with its own ``solve``) under its name.
+
+    Example:
+        >>> class Joint(gm.matching_functions.Entry):
+        ...     needs_statistics = False
+        ...     def solve(self, problem, hparams):
+        ...         return gm.matching_functions.Solution({s.name: ... for s in problem.spaces})
+        >>> gm.matching_functions.register_entry(Joint("joint", joint_function))
+    """
+    if not isinstance(found, Entry):
+        raise TypeError(f"register_entry needs an Entry, got a {type(found).__name__}")
+    _check_name(found.name)
+    _REGISTRY[found.name] = found
+    return found
+
+
 def entry(name: str) -> Entry:
     """The registry entry of ``name`` (clear error with suggestions if unknown)."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
             f"unknown matching function {name!r}; available: {', '.join(available())}.{hint}"
@@ -125,3 +87,8 @@ def get(name: str) -> MatchingFunction:
 def available() -> list[str]:
     """Names of the registered matching functions, sorted."""
     return sorted(_REGISTRY)
+
+
+def _check_name(name: object) -> None:
+    if not name or not isinstance(name, str):
+        raise ValueError(f"a matching function needs a non-empty name, got {name!r}")

@@ -1,7 +1,7 @@
 """Weight matching (Git Re-Basin): permutations that align the weights themselves.
 
 The permutation groups are the graph's mergeable spaces; every (parameter, axis)
-block of a space contributes to its cost, biases and BN buffers included (as
+run of a space contributes to its cost, biases and BN buffers included (as
 outer products), so no hand-written permutation spec is needed.
 """
 
@@ -11,12 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from graphmerge.fold import AxisMap, SpaceMaps, fold_tensors
+from graphmerge.fold import AxisMap, ParamAxis, SpaceMaps, fold_tensors
 from graphmerge.graphs import ModelGraph
-from graphmerge.graphs.spaces import ParamAxis
+from graphmerge.matching_functions.common import assignment
 from graphmerge.matching_functions.registry import register
 
 PAPER = (
@@ -53,7 +52,7 @@ def weight_matching(
 ) -> WeightMatching:
     """Permute models 1.. onto model 0 by coordinate descent on sum_params <W_0, P(W_i)>.
 
-    For a space p, cost[j, k] = sum over its blocks of W_0[j] . P_{-p}(W_i)[k] (every other
+    For a space p, cost[j, k] = sum over its runs of W_0[j] . P_{-p}(W_i)[k] (every other
     space's permutation applied); solve the assignment, keep it if the objective grows.
     Spaces are visited in a seeded random order until a sweep changes nothing. N > 2:
     ``merge_many``.
@@ -138,7 +137,7 @@ def _check(states: Sequence[State], max_sweeps: int, seed: int) -> None:
 
 
 class _Problem:
-    """The permutation groups of a graph and the parameter blocks each one touches."""
+    """The permutation groups of a graph and the parameter runs each one touches."""
 
     def __init__(self, graph: ModelGraph, spaces: Sequence[str] | None) -> None:
         mergeable = {space.name: space for space in graph.mergeable_spaces}
@@ -150,10 +149,10 @@ class _Problem:
                 f"weight matching cannot permute {unknown}: not mergeable spaces of this graph"
             )
         self.widths = {name: mergeable[name].width for name in names}
-        self.blocks: dict[str, list[ParamAxis]] = {
+        self.runs: dict[str, list[ParamAxis]] = {
             name: list(mergeable[name].param_axes) for name in names
         }
-        params = {block.param for blocks in self.blocks.values() for block in blocks}
+        params = {run.param for runs in self.runs.values() for run in runs}
         self.param_axes = {param: graph.param_axes[param] for param in params}
         # The permuted spaces each parameter touches (the others are fixed).
         self.spaces_of = {
@@ -189,27 +188,27 @@ class _Problem:
         target: Mapping[str, Tensor],
         other: Mapping[str, Tensor],
         space: str,
-        blocks: Sequence[ParamAxis] | None = None,
+        runs: Sequence[ParamAxis] | None = None,
     ) -> Tensor:
-        """cost[j, k] = sum over the space's blocks (or just ``blocks``) of target row j . other
+        """cost[j, k] = sum over the space's runs (or just ``runs``) of target row j . other
         row k."""
         width = self.widths[space]
         total = torch.zeros(width, width, dtype=torch.float64)
-        for block in self.blocks[space] if blocks is None else blocks:
-            total += _rows(target[block.param], block) @ _rows(other[block.param], block).T
+        for run in self.runs[space] if runs is None else runs:
+            total += run.rows(target[run.param], run.axis) @ run.rows(other[run.param], run.axis).T
         return total
 
     def sequential(self, target: Mapping[str, Tensor], other: Mapping[str, Tensor]) -> Permutations:
-        """Each space solved once, in topological order, from the blocks of the parameters
+        """Each space solved once, in topological order, from the runs of the parameters
         whose other axes are fixed or already solved (a permuted copy: exactly)."""
         permutations = self.identity()
         solved: set[str] = set()
         for space in self.widths:
-            blocks = [b for b in self.blocks[space] if self.spaces_of[b.param] <= solved | {space}]
-            if blocks:
-                touching = {block.param: other[block.param] for block in blocks}
+            runs = [b for b in self.runs[space] if self.spaces_of[b.param] <= solved | {space}]
+            if runs:
+                touching = {run.param: other[run.param] for run in runs}
                 moved = self.permuted(touching, permutations, skip=space)
-                permutations[space] = _assignment(self.cost(target, moved, space, blocks))
+                permutations[space] = assignment(self.cost(target, moved, space, runs))
             solved.add(space)
         return permutations
 
@@ -229,9 +228,9 @@ class _Problem:
             improved = False
             for position in torch.randperm(len(names), generator=generator).tolist():
                 space = names[position]
-                touching = {block.param: other[block.param] for block in self.blocks[space]}
+                touching = {run.param: other[run.param] for run in self.runs[space]}
                 cost = self.cost(target, self.permuted(touching, permutations, skip=space), space)
-                found = _assignment(cost)
+                found = assignment(cost)
                 units = torch.arange(cost.shape[0])
                 new, old = cost[units, found].sum(), cost[units, permutations[space]].sum()
                 if new > old + 1e-12 * max(1.0, abs(float(old))):
@@ -245,17 +244,3 @@ class _Problem:
 
     def per_model(self, permutations: Sequence[Permutations]) -> dict[str, list[Tensor]]:
         return {name: [perm[name] for perm in permutations] for name in self.widths}
-
-
-def _assignment(cost: Tensor) -> Tensor:
-    """The permutation k -> found[k] maximising sum_k cost[k, found[k]]."""
-    rows, columns = linear_sum_assignment(cost.numpy(), maximize=True)
-    return torch.as_tensor(columns)[torch.as_tensor(rows).argsort()]
-
-
-def _rows(tensor: Tensor, block: ParamAxis) -> Tensor:
-    """The block's channels as rows: (width, everything else), repeats kept with their channel."""
-    part = tensor.narrow(block.axis, block.offset, block.width * block.repeat)
-    shape = part.shape
-    part = part.reshape(*shape[: block.axis], block.width, block.repeat, *shape[block.axis + 1 :])
-    return part.movedim(block.axis, 0).reshape(block.width, -1)

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from graphmerge.matching_functions.common import (
+    Statistics,
     feature_width,
     membership_match,
     unit_similarity,
 )
-from graphmerge.matching_functions.registry import Statistics, register
+from graphmerge.matching_functions.registry import register
 
 PAPER = "Stoica et al. 2024, ZipIt! Merging Models from Different Tasks without Training, ICLR"
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphmerge.models.graphs import mlp_graph, reference_graph, resnet20_graph, vgg_graph
 from graphmerge.models.layers import LayerNorm2d
 from graphmerge.models.mlp import MLP, mlp
 from graphmerge.models.resnet import BasicBlock, ResNet20, resnet20
@@ -164,8 +165,12 @@ __all__ = [
     "available",
     "build",
     "mlp",
+    "mlp_graph",
+    "reference_graph",
     "resnet20",
+    "resnet20_graph",
     "spec_of",
     "torchvision_model",
     "vgg",
+    "vgg_graph",
 ]

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from torch import Tensor, nn
+
+from graphmerge.graphs import LayerCall, NormRule, register_layer, rule_for
+from graphmerge.graphs.spaces import Value
+from graphmerge.runtime import check_positive_int
 
 NORMS = ("none", "bn", "ln")
 
@@ -22,6 +27,24 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@register_layer(LayerNorm2d)
+class LayerNorm2dRule(NormRule):
+    """Its inner LayerNorm's weight and bias join the channels (axis 1) and take a REPAIR
+    correction. torch.fx traces through it exactly (permute, LayerNorm, permute): the rule
+    serves hand-built graphs and the repair points."""
+
+    leaf = False
+
+    def channels(self, call: LayerCall) -> Value:
+        inner = call.layer.norm
+        return rule_for(inner).channels(
+            replace(call, layer=inner, path=call.param("norm"), input_shapes=[None])
+        )
+
+    def parameter_holder(self, layer: nn.Module, path: str) -> tuple[nn.Module, str]:
+        return layer.norm, f"{path}.norm" if path else "norm"
 
 
 def check_norm(norm: str) -> str:
@@ -68,13 +91,6 @@ def check_width_multiplier(width_multiplier: float) -> float:
             f"got {width_multiplier!r}"
         )
     return width_multiplier
-
-
-def check_positive_int(name: str, value: int) -> int:
-    """Return ``value`` if it is an int >= 1, else raise a clear error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    return value
 
 
 def check_network_args(norm: str, num_classes: int, in_channels: int) -> None:

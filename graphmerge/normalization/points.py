@@ -1,11 +1,12 @@
 """Where statistics can be corrected: repair points and the layers that absorb a correction.
 
 A correction y -> a * y + c per channel is exact only where it can be folded into
-parameters. From every layer that writes a space (Linear, Conv) the chain of
-single-consumer, channel-wise affine steps after it is followed (Identity, Dropout,
-permute/transpose, and a norm with affine parameters, which then takes the
-correction): its end is a **layer point**, corrected through the last affine layer
-of the chain (the norm's weight and bias, else the layer's weight and bias).
+parameters. From every layer that writes a space (Linear, Conv: layer rules with
+correction "start") the chain of single-consumer, channel-wise affine steps after it is
+followed (rules with "pass": Identity, Dropout; the transparent ops permute/transpose;
+and a norm with affine parameters, "absorb", which then takes the correction): its end
+is a **layer point**, corrected through the last affine layer of the chain (the norm's
+weight and bias, else the layer's weight and bias).
 
 A residual sum (block output) whose every input is such a chain end with no other
 consumer is a **sum point**: its correction folds into all inputs (scale) and one
@@ -26,13 +27,8 @@ import networkx as nx
 from torch import nn
 
 from graphmerge.graphs import ModelGraph, NodeKind
-from graphmerge.graphs.rules import BATCH_NORMS, CONVOLUTIONS, IDENTITY_MODULES
-from graphmerge.models.layers import LayerNorm2d
-
-SUM_FUNCTIONS = frozenset({"add", "iadd"})
-TRANSPARENT_FUNCTIONS = frozenset({"permute", "transpose", "contiguous", "clone"})
-METADATA_FUNCTIONS = frozenset({"size", "dim", "numel", "getattr"})
-AFFINE_NORMS = (*BATCH_NORMS, nn.LayerNorm, LayerNorm2d, nn.GroupNorm)
+from graphmerge.graphs.layers import DEFAULT_RULE, rule_for
+from graphmerge.graphs.operations import METADATA_NAMES, SUMS, TRANSPARENT_NAMES
 
 
 @dataclass(frozen=True)
@@ -91,37 +87,37 @@ def repair_points(
 class _PointFinder:
     def __init__(self, graph: ModelGraph, spaces: set[str]) -> None:
         self.graph = graph
-        self.nodes = graph.graph.nodes
+        self.nodes = {node.name: node for node in graph.nodes()}
         self.spaces = spaces
         self.model = graph.model
         self.consumers: dict[str, list[str]] = defaultdict(list)
         self.calls: dict[str, int] = defaultdict(int)
-        for key, data in self.nodes(data=True):
-            if data["kind"] in (NodeKind.MERGE, NodeKind.UNMERGE):
+        for key, node in self.nodes.items():
+            if node.kind in (NodeKind.MERGE, NodeKind.UNMERGE):
                 continue
-            if data["kind"] is NodeKind.MODULE:
-                self.calls[data["target"]] += 1
-            if data["kind"] is NodeKind.FUNCTION and data["target"] in METADATA_FUNCTIONS:
+            if node.kind is NodeKind.MODULE:
+                self.calls[node.target] += 1
+            if node.kind is NodeKind.FUNCTION and node.target in METADATA_NAMES:
                 continue  # x.size(0), x.shape read a tensor's metadata, not its values
-            for source in data["inputs"]:
+            for source in node.inputs:
                 self.consumers[source].append(key)
         self.skipped: list[SkippedPoint] = []
         self.chain_folds: dict[str, FoldTarget] = {}
 
     def space_of(self, key: str) -> str | None:
-        names = self.nodes[key].get("spaces") or ()
+        names = self.nodes[key].spaces
         return names[0] if len(names) == 1 and names[0] in self.spaces else None
 
     def module(self, key: str) -> nn.Module | None:
-        data = self.nodes[key]
-        if data["kind"] is not NodeKind.MODULE:
+        node = self.nodes[key]
+        if node.kind is not NodeKind.MODULE:
             return None
-        return self.model.get_submodule(data["target"])
+        return self.model.get_submodule(node.target)
 
     def find(self) -> tuple[list[RepairPoint], list[SkippedPoint]]:
         order = list(nx.topological_sort(self.graph.graph))
         for key in order:
-            if self.space_of(key) and _is_producer(self.module(key)):
+            if self.space_of(key) and _correction(self.module(key)) == "start":
                 self._follow_chain(key)
         foldable: dict[str, tuple[FoldTarget, ...]] = {
             key: (fold,) for key, fold in self.chain_folds.items()
@@ -129,7 +125,7 @@ class _PointFinder:
         sums = []
         for key in order:
             data = self.nodes[key]
-            if data["kind"] is NodeKind.FUNCTION and data["target"] in SUM_FUNCTIONS:
+            if data.kind is NodeKind.FUNCTION and data.target in SUMS:
                 space = self.space_of(key)
                 if space is None:
                     continue
@@ -139,7 +135,7 @@ class _PointFinder:
                 else:
                     foldable[key] = folds
                     sums.append(key)
-        absorbed = {source for key in sums for source in self.nodes[key]["inputs"]}
+        absorbed = {source for key in sums for source in self.nodes[key].inputs}
         points = []
         for key in order:
             if key not in foldable or key in absorbed:
@@ -159,7 +155,7 @@ class _PointFinder:
     def _follow_chain(self, producer: str) -> None:
         """From a layer writing a space, follow single-consumer affine steps; record the end."""
         space = self.space_of(producer)
-        target = self.nodes[producer]["target"]
+        target = self.nodes[producer].target
         if self.calls[target] > 1:
             reason = f"layer {target} is called {self.calls[target]} times"
             self.skipped.append(SkippedPoint(producer, space, reason))
@@ -171,13 +167,14 @@ class _PointFinder:
             data = self.nodes[successor]
             module = self.module(successor)
             transparent_function = (
-                data["kind"] is NodeKind.FUNCTION and data["target"] in TRANSPARENT_FUNCTIONS
+                data.kind is NodeKind.FUNCTION and data.target in TRANSPARENT_NAMES
             )
-            if transparent_function or isinstance(module, IDENTITY_MODULES):
+            correction = _correction(module)
+            if transparent_function or correction == "pass":
                 current = successor
-            elif isinstance(module, AFFINE_NORMS) and self.calls[data["target"]] == 1:
+            elif correction == "absorb" and self.calls[data.target] == 1:
                 fold = self._fold_target(successor)
-                reason = "" if fold else f"{data['target']} has no affine parameters"
+                reason = "" if fold else f"{data.target} has no affine parameters"
                 current = successor
             else:
                 break
@@ -187,9 +184,8 @@ class _PointFinder:
             self.chain_folds[current] = fold
 
     def _fold_target(self, key: str) -> FoldTarget | None:
-        module, path = self.module(key), self.nodes[key]["target"]
-        if isinstance(module, LayerNorm2d):
-            module, path = module.norm, f"{path}.norm"
+        module, path = self.module(key), self.nodes[key].target
+        module, path = (rule_for(module) or DEFAULT_RULE).parameter_holder(module, path)
         if getattr(module, "weight", None) is None:
             return None
         axis = 0
@@ -201,7 +197,7 @@ class _PointFinder:
     def _sum_folds(
         self, key: str, foldable: dict[str, tuple[FoldTarget, ...]]
     ) -> tuple[tuple[FoldTarget, ...] | None, str]:
-        inputs = self.nodes[key]["inputs"]
+        inputs = self.nodes[key].inputs
         if len(inputs) < 2:
             return None, "not a join of two branches"
         folds: list[FoldTarget] = []
@@ -228,8 +224,8 @@ class _PointFinder:
         return result
 
 
-def _is_producer(module: nn.Module | None) -> bool:
-    """Layers that write a new space: Linear and ungrouped convolutions."""
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, CONVOLUTIONS) and module.groups == 1
+def _correction(module: nn.Module | None) -> str:
+    """How the layer meets a correction (its rule's ``correction``; "stop" for functions)."""
+    if module is None:
+        return "stop"
+    return (rule_for(module) or DEFAULT_RULE).correction_of(module)

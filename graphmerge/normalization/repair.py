@@ -22,20 +22,25 @@ point meets its target on that data.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from graphmerge.evaluation import copy_model, model_device, on_device
+from graphmerge.batches import batch_inputs
+from graphmerge.fold import Match
 from graphmerge.graphs import ModelGraph, trace
-from graphmerge.normalization.points import FoldTarget, RepairPoint, SkippedPoint, repair_points
-from graphmerge.statistics import ChannelMoments, ReadPoint, batch_inputs, collect_moments
+from graphmerge.normalization.points import FoldTarget, RepairPoint, repair_points
+from graphmerge.normalization.registry import (
+    NormalizationRequest,
+    PointReport,
+    Renormalized,
+    register,
+)
+from graphmerge.results import MergeResult
+from graphmerge.runtime import copy_model, model_device, on_device
+from graphmerge.statistics import ChannelMoments, ReadPoint, collect_moments
 from graphmerge.weighting import model_weights, reweighted
-
-if TYPE_CHECKING:
-    from graphmerge.merge import Match, MergeResult
 
 Mode = Literal["repair", "rescale"]
 MODES = ("repair", "rescale")
@@ -45,44 +50,12 @@ DEAD_RELATIVE = 1e-5
 EXAMPLE_BATCH = 8
 
 
-@dataclass
-class PointReport:
-    """One corrected point: its targets, what the model had before, and the correction."""
-
-    point: RepairPoint
-    target_mean: Tensor
-    target_std: Tensor
-    mean_before: Tensor
-    std_before: Tensor
-    scale: Tensor
-    shift: Tensor
-    dead_units: int
-
-
-@dataclass
-class Renormalized:
-    """The corrected model (a new object) and what was done.
-
-    Attributes:
-        model: the corrected copy.
-        mode: "repair" or "rescale".
-        points: a PointReport per corrected point, in topological order.
-        skipped: places that could not be corrected, with the reason.
-        passes: passes over the data (1 for the references + 1 per level).
-    """
-
-    model: nn.Module
-    mode: str
-    points: list[PointReport] = field(default_factory=list)
-    skipped: list[SkippedPoint] = field(default_factory=list)
-    passes: int = 0
-
-
 def repair(
     merged: nn.Module,
     models: Sequence[nn.Module],
     merge_result: MergeResult,
     loader: Iterable,
+    *,
     alpha: float | Sequence[float] | None = None,
     max_batches: int | None = None,
     max_samples: int | None = None,
@@ -101,8 +74,9 @@ def repair(
         >>> result = gm.Merger([a, b], example_input=x).merge("permute")  # after collect()
         >>> repaired = gm.normalization.repair(result.model, [a, b], result, data.train)
     """
-    return _from_result(merged, models, merge_result, loader, alpha, "repair", max_batches,
-                        max_samples, progress, device)  # fmt: skip
+    return _from_result(merged, models, merge_result, loader, alpha=alpha, mode="repair",
+                        max_batches=max_batches, max_samples=max_samples, progress=progress,
+                        device=device)  # fmt: skip
 
 
 def rescale(
@@ -110,6 +84,7 @@ def rescale(
     models: Sequence[nn.Module],
     merge_result: MergeResult,
     loader: Iterable,
+    *,
     alpha: float | Sequence[float] | None = None,
     max_batches: int | None = None,
     max_samples: int | None = None,
@@ -121,14 +96,16 @@ def rescale(
     Example:
         >>> rescaled = gm.normalization.rescale(result.model, [a, b], result, data.train)
     """
-    return _from_result(merged, models, merge_result, loader, alpha, "rescale", max_batches,
-                        max_samples, progress, device)  # fmt: skip
+    return _from_result(merged, models, merge_result, loader, alpha=alpha, mode="rescale",
+                        max_batches=max_batches, max_samples=max_samples, progress=progress,
+                        device=device)  # fmt: skip
 
 
 def match_statistics(
     target_model: nn.Module,
     reference_models: nn.Module | Sequence[nn.Module],
     loader: Iterable,
+    *,
     mode: Mode = "repair",
     weights: float | Sequence[float] | None = None,
     graph: ModelGraph | None = None,
@@ -146,8 +123,8 @@ def match_statistics(
         >>> fixed = gm.normalization.match_statistics(pruned, model, data.train)
     """
     return renormalize(
-        target_model, reference_models, loader, graph, None, weights, mode, max_batches,
-        max_samples, progress, device=device,
+        target_model, reference_models, loader, graph, weights=weights, mode=mode,
+        max_batches=max_batches, max_samples=max_samples, progress=progress, device=device,
     ).model  # fmt: skip
 
 
@@ -156,6 +133,7 @@ def _from_result(
     models: Sequence[nn.Module],
     merge_result: MergeResult,
     loader: Iterable,
+    *,
     alpha: float | Sequence[float] | None,
     mode: Mode,
     max_batches: int | None,
@@ -173,8 +151,8 @@ def _from_result(
     if isinstance(weights, Tensor):
         weights = weights.tolist()
     return renormalize(
-        merged, models, loader, graph, matches, weights, mode, max_batches, max_samples, progress,
-        device=device,
+        merged, models, loader, graph, matches, weights=weights, mode=mode,
+        max_batches=max_batches, max_samples=max_samples, progress=progress, device=device,
     ).model  # fmt: skip
 
 
@@ -184,6 +162,7 @@ def renormalize(
     loader: Iterable,
     graph: ModelGraph | None = None,
     matches: Mapping[str, Match] | None = None,
+    *,
     weights: float | Sequence[float] | None = None,
     mode: Mode = "repair",
     max_batches: int | None = None,
@@ -263,6 +242,26 @@ def renormalize(
             )
             result.points.append(report)
     return result
+
+
+@register("repair")
+def _repair(request: NormalizationRequest) -> Renormalized:
+    """REPAIR: every unit gets the mean and std of the source units it combines."""
+    return _requested(request, "repair")
+
+
+@register("rescale")
+def _rescale(request: NormalizationRequest) -> Renormalized:
+    """RESCALE: every unit gets the std of its source units and keeps its mean."""
+    return _requested(request, "rescale")
+
+
+def _requested(request: NormalizationRequest, mode: Mode) -> Renormalized:
+    return renormalize(
+        request.model, request.references, request.loader, request.graph, request.matches,
+        weights=request.weights, mode=mode, progress=request.progress,
+        reference_cache=request.reference_cache,
+    )  # fmt: skip
 
 
 class ReferenceCache:

@@ -8,19 +8,16 @@ import torch
 from torch import nn
 
 from graphmerge import distributed
-from graphmerge.evaluation import (
-    check_loader,
-    copy_model,
-    model_device,
-    run_model,
-    smallest_training_batch,
-)
-from graphmerge.statistics import batch_inputs
+from graphmerge.batches import check_loader
+from graphmerge.normalization.registry import NormalizationRequest, Renormalized, register
+from graphmerge.runtime import copy_model, model_device, run_model, smallest_training_batch
+from graphmerge.statistics import DataPass
 
 
 def reset_bn(
     model: nn.Module,
     loader: Iterable,
+    *,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
@@ -54,30 +51,29 @@ def reset_bn(
         norm.momentum = None
         norm.train()
     smallest = smallest_training_batch(reset)
-    seen = 0
+    data = DataPass(loader, device, max_batches=max_batches, smallest=smallest)
     try:
         with torch.no_grad():
-            for index, batch in enumerate(loader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                inputs = batch_inputs(batch).to(device)
-                if inputs.shape[0] < smallest:
-                    continue
+            for inputs in data:
                 run_model(reset, inputs)
-                seen += inputs.shape[0]
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
         for module, training in modes.items():
             module.train(training)
-    if distributed.total(seen) == 0:
-        raise ValueError(
-            "the loader yielded no samples: reset_bn needs data"
-            + (" (batches of at least 2 samples for BatchNorm1d)" if smallest > 1 else "")
-        )
+    data.check_samples(
+        "reset_bn needs data"
+        + (" (batches of at least 2 samples for BatchNorm1d)" if smallest > 1 else "")
+    )
     if distributed.active():
         _combine_processes(norms)
     return reset
+
+
+@register("reset")
+def _reset(request: NormalizationRequest) -> Renormalized:
+    """RESET-BN: BatchNorm running statistics recomputed on the data."""
+    return Renormalized(reset_bn(request.model, request.loader), "reset")
 
 
 def _combine_processes(norms: list[nn.Module]) -> None:

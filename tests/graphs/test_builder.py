@@ -89,7 +89,7 @@ def test_broken_hand_written_resnet_is_detected():
             x_node = b.add_module(joined, f"{path}.relu2")
     b.add_output(b.add_sequence(x_node, "avgpool", "flatten", "fc"))
     broken = b.build()
-    good = gm.graphs.resnet20_graph(model)
+    good = gm.models.resnet20_graph(model)
     assert not broken.same_spaces(good)
     assert len(broken.spaces) == len(good.spaces) + 1
     with torch.no_grad():

@@ -7,8 +7,9 @@ from conftest import REFERENCE_MODELS, state_hash
 from torch import nn
 
 import graphmerge as gm
-from graphmerge.graphs import GraphTraceError, randomize_statistics, reference_graph, trace
-from graphmerge.graphs.trace import reshaped_axis
+from graphmerge.graphs import GraphTraceError, randomize_statistics, trace
+from graphmerge.graphs.shapes import reshaped_axis
+from graphmerge.models import reference_graph
 
 # Coverage 1.0: every hidden space mergeable. regnet's grouped convs freeze most channels.
 TORCHVISION_MODELS = [

@@ -224,7 +224,7 @@ def test_bad_inputs_get_clear_errors():
 def test_repair_works_on_hand_built_graphs(name, kwargs, shape):
     models = pair(name, kwargs, shape)
     loader = batches(shape)
-    graph = gm.graphs.reference_graph(models[0])
+    graph = gm.models.reference_graph(models[0])
     merger = gm.Merger(models, graph=graph, example_input=loader[0], progress=False)
     merger.collect(loader)
     result = merger.merge("permute", normalize="repair", loader=loader)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from graphmerge.graphs.builder import GraphBuilder
-from graphmerge.graphs.model_graph import ModelGraph
-from graphmerge.models import MLP, VGG, ResNet20
+from graphmerge.graphs import GraphBuilder, ModelGraph
+from graphmerge.models.mlp import MLP
+from graphmerge.models.resnet import ResNet20
+from graphmerge.models.vgg import VGG
 
 
 def mlp_graph(model: MLP) -> ModelGraph:

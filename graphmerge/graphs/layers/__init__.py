@@ -1,0 +1,34 @@
+"""Layer rules: one class per layer type holds everything graphmerge knows about it.
+
+``register_layer`` adds a rule for your own layer (see ``registry``); the built-in
+rules cover torch.nn's linear, convolution, embedding, normalization, activation,
+dropout, flatten and pooling layers.
+"""
+
+from graphmerge.graphs.layers.registry import (
+    DEFAULT_RULE,
+    LayerCall,
+    LayerRule,
+    NormRule,
+    apply_layer,
+    register_layer,
+    registered,
+    rule_for,
+    traced_whole,
+)
+
+# isort: split
+# The built-in rules register themselves on import.
+from graphmerge.graphs.layers import dense, elementwise, norms  # noqa: F401
+
+__all__ = [
+    "DEFAULT_RULE",
+    "LayerCall",
+    "LayerRule",
+    "NormRule",
+    "apply_layer",
+    "register_layer",
+    "registered",
+    "rule_for",
+    "traced_whole",
+]
