@@ -9,6 +9,7 @@ import graphmerge as gm
 from graphmerge.graphs import trace
 from graphmerge.statistics import (
     ChannelMoments,
+    DataPass,
     FeatureReader,
     ReadPoint,
     SpaceStatistics,
@@ -213,3 +214,15 @@ def test_channel_moments_covariance_matches_torch_cov_across_batches():
     plain.update(rows)
     with pytest.raises(ValueError, match="without covariance=True"):
         _ = plain.covariance
+
+
+def test_a_data_pass_counts_its_samples_and_leaves_out_small_batches():
+    loader = [torch.randn(3, 2), torch.randn(1, 2), (torch.randn(4, 2), torch.zeros(4))]
+    data = DataPass(loader, torch.device("cpu"), smallest=2)
+    assert [len(inputs) for inputs in data] == [3, 4] and data.samples == 7
+    limited = DataPass(loader, torch.device("cpu"), max_samples=5)
+    assert [len(inputs) for inputs in limited] == [3, 1, 1] and limited.samples == 5
+    empty = DataPass([torch.randn(1, 2)], torch.device("cpu"), smallest=2)
+    assert list(empty) == []
+    with pytest.raises(ValueError, match="the loader yielded no samples: reset_bn needs data"):
+        empty.check_samples("reset_bn needs data")

@@ -229,3 +229,29 @@ def test_merged_checkpoints_merge_again_and_refuse_conflicting_class_orders(
     assert gm.load_checkpoint(again).model.head.out_features == 10
     assert main(["graph", "--checkpoint", str(again)]) == 0
     assert "exact" in capsys.readouterr().out
+
+
+def test_a_method_registered_at_run_time_merges_from_the_command_line(
+    checkpoints, tmp_path, capsys, monkeypatch
+):
+    from graphmerge.matching_functions import Entry, Solution, permutation_match, registry
+
+    class Averaged(Entry):
+        needs_statistics = False
+        provided = frozenset({"problem"})
+
+        def solve(self, problem, hparams):
+            return Solution({
+                s.name: gm.Match(*permutation_match([torch.arange(s.width)] * 2))
+                for s in problem.spaces
+            })  # fmt: skip
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_entry(Averaged("averaged", lambda problem: None))
+    out = tmp_path / "merged.pt"
+    args = ["merge", str(checkpoints["a"]), str(checkpoints["b"]), "--method", "averaged"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    sources = [gm.load_checkpoint(checkpoints[name]).model for name in ("a", "b")]
+    expected = gm.merge(sources, [torch.randn(8, 64)], "identity", progress=False)
+    for key, value in expected.state_dict().items():
+        assert torch.allclose(gm.load_checkpoint(out).model.state_dict()[key], value), key

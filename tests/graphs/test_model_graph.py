@@ -102,3 +102,13 @@ def test_relative_check_divides_by_the_largest_output_and_trials_must_be_positiv
     for trials in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="trials must be a positive integer"):
             resnet_graph.check_symmetries(x, trials=trials)
+
+
+def test_nodes_read_typed_hold_what_networkx_holds(resnet_graph):
+    for key, data in resnet_graph.graph.nodes(data=True):
+        node = resnet_graph.node(key)
+        assert isinstance(node, gm.graphs.GraphNode) and node.attributes() == data
+    conv = resnet_graph.node("layer1_0_conv1")
+    assert conv.kind is gm.graphs.NodeKind.MODULE and conv.target == "layer1.0.conv1"
+    assert conv.spaces == ("layer1.0.conv1",) and conv.channel_axis == 1
+    assert [n.name for n in resnet_graph.nodes()] == list(resnet_graph.graph.nodes)
