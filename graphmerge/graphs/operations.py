@@ -87,8 +87,14 @@ BINARY_NAMES = frozenset(
         "div",
         "div_",
         "itruediv",
+        "addcmul",
+        "addcdiv",
     }
 )
+# Normalizations over axis 1 with per-channel statistics and affine (F.layer_norm apart).
+NORM_NAMES = frozenset({"batch_norm", "instance_norm", "group_norm"})
+# Ops returning several tensors, pieces of their input.
+SPLIT_NAMES = frozenset({"split", "chunk", "unbind", "tensor_split"})
 REDUCTION_NAMES = frozenset({"mean", "sum", "amax", "amin", "std", "var", "logsumexp"})
 SHAPE_NAMES = frozenset(
     {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}

@@ -44,3 +44,46 @@ def reshaped_axis(
 def broadcast_axis(in_ndim: int, out_ndim: int, axis: int) -> int:
     """Where ``axis`` of an ``in_ndim`` tensor lands after broadcasting to ``out_ndim`` dims."""
     return axis + out_ndim - in_ndim
+
+
+def indexed_axis(
+    shape: tuple[int, ...], index: object, axis: int
+) -> tuple[int, tuple[int, int] | None, str]:
+    """Where channel ``axis`` goes when a tensor of ``shape`` is indexed with ``index`` (the
+    items of ``x[...]``: ints, slices, None, Ellipsis): (new axis, the (start, stop) of a
+    channel slice or None when all channels stay, problem or "").
+
+    Selecting one channel, a strided channel slice or indexing with a tensor is a problem.
+    """
+    items = list(index) if isinstance(index, tuple) else [index]
+    if sum(item is Ellipsis for item in items) > 1:
+        return 0, None, "indexes with several Ellipses"
+    if Ellipsis in items:
+        position = items.index(Ellipsis)
+        consumed = sum(item is not None for item in items) - 1
+        items[position : position + 1] = [slice(None)] * (len(shape) - consumed)
+    dim = out = 0
+    found: tuple[int, tuple[int, int] | None] | None = None
+    for item in items:
+        if item is None:
+            out += 1
+            continue
+        if dim >= len(shape):
+            return 0, None, "indexes more dims than the tensor has"
+        if isinstance(item, bool) or not isinstance(item, (int, slice)):
+            return 0, None, f"indexes with {type(item).__name__}"
+        if isinstance(item, int):
+            if dim == axis:
+                return 0, None, "selects a single channel"
+            dim += 1
+            continue
+        if dim == axis:
+            start, stop, step = item.indices(shape[dim])
+            if step != 1:
+                return 0, None, "takes a strided slice of the channels"
+            found = (out, None if (start, stop) == (0, shape[dim]) else (start, stop))
+        dim += 1
+        out += 1
+    if found is None:  # the channel axis is among the dims the index does not name
+        return out + (axis - dim), None, ""
+    return found[0], found[1], ""

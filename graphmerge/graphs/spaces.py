@@ -59,6 +59,20 @@ class Channels:
     def moved(self, axis: int | None) -> Channels:
         return replace(self, axis=axis)
 
+    def sliced(self, start: int, stop: int) -> Channels | None:
+        """The channels at positions [start, stop) of the axis, when they are whole segments
+        (None where the slice cuts a segment: which of its channels it keeps would change
+        with a permutation)."""
+        kept, position = [], 0
+        for segment in self.segments:
+            end = position + segment.size
+            if start <= position and end <= stop:
+                kept.append(segment)
+            elif position < stop and start < end:
+                return None
+            position = end
+        return Channels(self.axis, tuple(kept)) if kept else None
+
     def repeated(self, factor: int) -> Channels:
         return Channels(
             self.axis,
@@ -73,7 +87,15 @@ class Unknown:
     reason: str
 
 
-Value = Channels | Unknown | None  # None: no channels at all (shapes, scalars, invariants)
+@dataclass(frozen=True)
+class Several:
+    """The outputs of an op or layer that returns several tensors (a tuple: attention's
+    (output, weights), ``split``, ``chunk``), one structure per item."""
+
+    values: tuple[Channels | Unknown | None, ...]
+
+
+Value = Channels | Unknown | Several | None  # None: no channels (shapes, scalars, invariants)
 
 
 @dataclass(frozen=True)
@@ -189,6 +211,9 @@ class SpaceFinder:
         if isinstance(value, Channels):
             for segment in value.segments:
                 self.freeze(segment.element, reason)
+        elif isinstance(value, Several):
+            for item in value.values:
+                self.freeze_value(item, reason)
 
     def freeze_parameter_axis(self, param: str, axis: int, reason: str) -> None:
         """Whatever space axis ``axis`` of ``param`` belongs to (now or later) is frozen."""
@@ -211,6 +236,10 @@ class SpaceFinder:
         """Values combined elementwise (add, mul, ...): their channels become one structure."""
         channels = [value for value in values if isinstance(value, Channels)]
         unknown = [value for value in values if isinstance(value, Unknown)]
+        if any(isinstance(value, Several) for value in values):
+            unknown.insert(0, Unknown(f"{where} combines several tensors at once"))
+            for value in values:
+                self.freeze_value(value, unknown[0].reason)
         if unknown:
             for value in channels:
                 self.freeze_value(value, f"{where} combines it with {unknown[0].reason}")

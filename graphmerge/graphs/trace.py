@@ -22,25 +22,27 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from graphmerge.fold import state_tensors, tensor_aliases
 from graphmerge.graphs import parameters
-from graphmerge.graphs.layers import LayerCall, rule_for, traced_whole
+from graphmerge.graphs.layers import LayerCall, rule_for, traced_through, traced_whole
 from graphmerge.graphs.layers.elementwise import reshaped, spatial
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
 from graphmerge.graphs.operations import (
     BINARY_NAMES,
     BROADCAST_NAMES,
     ELEMENTWISE_NAMES,
+    NORM_NAMES,
     ONE_OPERAND_NAMES,
     PERMUTE_NAMES,
     REDUCTION_NAMES,
     REFERENCE_NAMES,
     SHAPE_NAMES,
     SPATIAL_FUNCTIONS,
+    SPLIT_NAMES,
     category,
     name_of,
 )
 from graphmerge.graphs.parameters import FromParameters
-from graphmerge.graphs.shapes import broadcast_axis
-from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
+from graphmerge.graphs.shapes import broadcast_axis, indexed_axis
+from graphmerge.graphs.spaces import Channels, Several, SpaceFinder, Unknown, Value
 from graphmerge.runtime import evaluating, input_hint
 
 
@@ -135,7 +137,18 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping the layers with a registered rule as single calls."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if traced_through(module, {}):
+            return False
         return traced_whole(module) or super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        plain = traced_through(module, kwargs)
+        if plain is not None:  # the rule's plain form of a layer fx cannot trace as it is
+            return plain(*args, **kwargs)
+        if traced_through(module, {}) is not None:  # no plain form for these arguments: a
+            path = self.path_of_module(module)  # single call, which freezes what it reads
+            return self.create_proxy("call_module", path, args, kwargs)
+        return super().call_module(module, forward, args, kwargs)
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
@@ -188,6 +201,15 @@ def _model_line(error: BaseException) -> str:
     frame = frames[-1]
     code = f": {frame.line.strip()}" if frame.line else ""
     return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}{code})"
+
+
+def _shapes(node: fx.Node) -> list[tuple[int, ...]]:
+    """The shapes of a node that returns several tensors (empty if it does not)."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, (tuple, list)):
+        return []
+    shapes = [getattr(item, "shape", None) for item in meta]
+    return [tuple(shape) for shape in shapes] if all(s is not None for s in shapes) else []
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -268,13 +290,14 @@ class _Walker:
         path = str(node.target)
         module = self.module.get_submodule(path)
         rule = rule_for(module)
-        inputs = [self._value(arg) for arg in node.all_input_nodes]
-        if rule is None or len(inputs) != rule.inputs:
+        tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        inputs = [self._value(arg) for arg in tensors]
+        if rule is None or not rule.accepts(len(inputs)):
             reason = f"unknown layer {path} ({type(module).__name__})"
             return self._unknown(node, reason), NodeKind.MODULE, ""
         if any(isinstance(value, FromParameters) for value in inputs):
             return self._module_on_parameters(node, module, inputs), NodeKind.MODULE, ""
-        shapes = [_shape(arg) for arg in node.all_input_nodes]
+        shapes = [_shape(arg) for arg in tensors]
         call = LayerCall(self.finder, module, path, inputs, shapes, _shape(node))
         return rule.channels(call), NodeKind.MODULE, rule.category
 
@@ -291,7 +314,10 @@ class _Walker:
 
     def _call_function(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         name = name_of(node.target)
-        return self._function(node, name, node.target), NodeKind.FUNCTION, category(name)
+        value = self._function(node, name, node.target)
+        if name == "getitem" and isinstance(self._value(node.args[0]), Several):
+            return value, NodeKind.FUNCTION, "producer"  # an output of a layer
+        return value, NodeKind.FUNCTION, category(name)
 
     def _call_method(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         name = str(node.target)
@@ -300,8 +326,14 @@ class _Walker:
     # -- functions ---------------------------------------------------------------------------
     def _function(self, node: fx.Node, name: str, target: Any) -> TracedValue:
         if _shape(node) is None:  # sizes, shapes, tuples of them: no channels to follow
+            if name in SPLIT_NAMES and _shapes(node):
+                return self._split(node, name)
             return self._non_tensor(node)
         operands = self._operands(node, name)
+        if name == "getitem":
+            return self._getitem(node)
+        if any(isinstance(v, Several) for v in operands):
+            return self._unknown(node, f"{name} at {node.name} reads several tensors as one")
         if operands and all(isinstance(v, FromParameters) for v in operands):
             return self._parameter_function(node, name, operands)
         first = self._value(node.args[0]) if node.args else None
@@ -309,6 +341,8 @@ class _Walker:
             return self._binary(node)
         if name == "layer_norm":
             return self._functional_layer_norm(node, first)
+        if name in NORM_NAMES:
+            return self._functional_norm(node, name, first)
         if name == "cat":
             return self._cat(node)
         if len(operands) > 1:  # everything below reads one tensor: a second one would be lost
@@ -331,6 +365,8 @@ class _Walker:
                 self._ndim(node.args[0]) - 2,
                 self._ndim(node.args[0]),
             )
+        if name == "pad":
+            return self._pad(node, first)
         if name in SHAPE_NAMES:
             return self._reshape(node, first)
         if name in BROADCAST_NAMES:
@@ -476,9 +512,98 @@ class _Walker:
             out = self.finder.concatenate(values, dim)
             self.recorder.concatenation(node.name, out)
             return out
-        if all(isinstance(v, Channels) and v.axis is not None for v in values):
-            return self.finder.join(values, node.name)  # e.g. cat along the batch
+        channels = [v for v in values if isinstance(v, Channels)]
+        along = all(v.axis is not None and v.axis != dim for v in channels)
+        if channels and along and all(isinstance(v, (Channels, FromParameters)) for v in values):
+            # along another axis (the batch, the tokens): one channel structure; parameters
+            # concatenated there (a class token) join it along their channel axis
+            out = self.finder.join(channels, node.name)
+            for value in values:
+                if isinstance(value, FromParameters):
+                    if isinstance(out, Channels):
+                        aligned = value.aligned(len(_shape(node) or ()))
+                        self._along_channels(aligned, out.axis, out, node.name)
+                    else:
+                        self._freeze_parameters(value, f"{node.name} joins it to {out}")
+            return out
         return self._unknown(node, f"{node.name} concatenates tensors of unknown channels")
+
+    def _getitem(self, node: fx.Node) -> TracedValue:
+        """``x[index]``: an item of several outputs, or an index that leaves channels whole."""
+        value, index = self._value(node.args[0]), node.args[1]
+        if isinstance(value, Several):
+            if isinstance(index, int) and -len(value.values) <= index < len(value.values):
+                return value.values[index]
+            return self._unknown(node, f"{node.name} takes {index!r} of several tensors")
+        if isinstance(value, FromParameters):
+            return self._untracked(node, [value], f"{node.name} indexes parameters")
+        if not isinstance(value, Channels) or value.axis is None:
+            return self._unknown(node, f"{node.name} indexes a tensor of unknown channels")
+        axis, channel_slice, problem = indexed_axis(_shape(node.args[0]), index, value.axis)
+        if problem:
+            return self._unknown(node, f"{node.name} {problem}")
+        if channel_slice is not None:
+            kept = value.sliced(*channel_slice)
+            if kept is None:
+                return self._unknown(node, f"{node.name} slices channels inside a space")
+            value = kept
+        return value.moved(axis)
+
+    def _split(self, node: fx.Node, name: str) -> Value:
+        """split / chunk / unbind: pieces along another axis keep the channels; along the
+        channel axis, each piece must be whole segments (a concatenation taken apart)."""
+        value, pieces = self._value(node.args[0]), _shapes(node)
+        in_shape = _shape(node.args[0]) or ()
+        dims = node.args[2:3] if name != "unbind" else node.args[1:2]
+        dim = (dims[0] if dims else node.kwargs.get("dim", 0)) % max(1, len(in_shape))
+        if isinstance(value, FromParameters):
+            return self._untracked(node, [value], f"{node.name} splits parameters")
+        if not isinstance(value, Channels) or value.axis is None:
+            return self._unknown(node, f"{node.name} splits a tensor of unknown channels")
+        if dim != value.axis:
+            axis = value.axis - (1 if name == "unbind" and dim < value.axis else 0)
+            return Several(tuple(value.moved(axis) for _ in pieces))
+        if name == "unbind":
+            return self._unknown(node, f"{node.name} unbinds the channel axis")
+        parts, start = [], 0
+        for shape in pieces:
+            part = value.sliced(start, start + shape[dim])
+            if part is None:
+                reason = f"{node.name} returns several tensors that cut a space apart"
+                return self._unknown(node, reason)
+            parts.append(part)
+            start += shape[dim]
+        return Several(tuple(parts))
+
+    def _functional_norm(self, node: fx.Node, name: str, value: TracedValue) -> TracedValue:
+        """F.batch_norm / instance_norm / group_norm: statistics and affine on axis 1."""
+        if not isinstance(value, Channels) or value.axis != 1:
+            return self._unknown(node, f"{node.name} {name} of channels not on axis 1")
+        tensors = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node)]
+        params = [self._value(t) for t in tensors if _shape(t) is not None]
+        if any(not isinstance(p, FromParameters) for p in params):
+            return self._unknown(node, f"{node.name} {name} with statistics from data")
+        if name == "group_norm":
+            groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+            if groups not in (1, value.size):
+                self.finder.freeze_value(
+                    value,
+                    f"{node.name} is a group_norm with {groups} groups: moving a channel to "
+                    "another group changes the group statistics",
+                )
+        for param in params:
+            self._along_channels(param, 0, value, node.name)
+        return value
+
+    def _pad(self, node: fx.Node, value: Value) -> Value:
+        """F.pad: channels pass unless the channel axis itself is padded."""
+        if not isinstance(value, Channels) or value.axis is None:
+            return value
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+        from_end = self._ndim(node.args[0]) - 1 - value.axis
+        if any(pad[2 * from_end : 2 * from_end + 2]):
+            return self._unknown(node, f"{node.name} pads the channel axis")
+        return value
 
     def _permutation(self, node: fx.Node, name: str) -> list[int]:
         """New axis k of a permute / transpose / t is old axis ``dims[k]``."""

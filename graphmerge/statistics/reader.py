@@ -32,7 +32,15 @@ class ReadPoint:
 
 
 def merge_points(spaces: Sequence[Space]) -> list[ReadPoint]:
-    """The merge point of each space, named after the space."""
+    """The merge point of each space, named after the space (a clear error for a space whose
+    features no single node carries)."""
+    for space in spaces:
+        if space.merge_point is None:
+            raise ValueError(
+                f"space {space.name!r} has no merge point (no node of the graph carries its "
+                "features alone), so its statistics cannot be read: merge it with "
+                "method='weight_matching', or mark a node with GraphBuilder.add_merge"
+            )
     return [ReadPoint(space.name, space.merge_point, space.width) for space in spaces]
 
 

@@ -14,12 +14,19 @@ from graphmerge.graphs.layers.registry import (
     register_layer,
     registered,
     rule_for,
+    traced_through,
     traced_whole,
 )
 
 # isort: split
 # The built-in rules register themselves on import.
-from graphmerge.graphs.layers import dense, elementwise, norms  # noqa: F401
+from graphmerge.graphs.layers import (  # noqa: F401
+    attention,
+    dense,
+    elementwise,
+    norms,
+    transformer,
+)
 
 __all__ = [
     "DEFAULT_RULE",
@@ -30,5 +37,6 @@ __all__ = [
     "register_layer",
     "registered",
     "rule_for",
+    "traced_through",
     "traced_whole",
 ]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from graphmerge.graphs.parameters import FromParameters
-from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
+from graphmerge.graphs.spaces import Channels, Several, SpaceFinder, Unknown, Value
 
 # How a layer meets a per-channel correction y -> a * y + c of the features it carries:
 # "start" it writes a new space (the correction folds into its weight and bias), "pass" it
@@ -153,7 +153,8 @@ class LayerRule:
         category: how good the layer's output is as a merge point ("producer" for layers
             that write a space, "norm", "activation", or "").
         correction: how the layer meets a REPAIR correction (see ``Correction``).
-        inputs: how many tensors the layer reads (nn.MultiheadAttention: 3).
+        inputs: how many tensors the layer reads (nn.MultiheadAttention: 3; ``accepts``
+            decides when a count may vary).
         elementwise: the layer maps each value on its own (applied to parameters, it
             passes them through).
         leaf: torch.fx keeps the layer as one call (True for your own layers, so that the
@@ -169,6 +170,10 @@ class LayerRule:
     def channels(self, call: LayerCall) -> Value:
         """Register what the layer's tensors read and write; return its output's channels."""
         return call.unknown(f"unknown layer {call.path} ({type(call.layer).__name__})")
+
+    def accepts(self, count: int) -> bool:
+        """Whether the layer can be called on ``count`` tensors (``inputs`` by default)."""
+        return count == self.inputs
 
     def on_parameters(
         self, layer: nn.Module, value: FromParameters, out_shape: tuple[int, ...]
@@ -279,6 +284,14 @@ def traced_whole(layer: nn.Module) -> bool:
     return rule is not None and rule.leaf
 
 
+def traced_through(layer: nn.Module, kwargs: dict) -> Callable | None:
+    """The plain forward torch.fx follows for ``layer`` called with ``kwargs``, if its own
+    type's rule gives one (``traced_forward``); else None."""
+    rule = _RULES.get(type(layer))
+    plain = getattr(rule, "traced_forward", None)
+    return None if rule is None or rule.leaf or plain is None else plain(layer, kwargs)
+
+
 def registered() -> dict[type[nn.Module], LayerRule]:
     """Every registered layer type and its rule (a copy)."""
     return dict(_RULES)
@@ -289,7 +302,7 @@ def apply_layer(call: LayerCall) -> Value:
     its rule reads, freezes its inputs)."""
     rule = rule_for(call.layer)
     kind = type(call.layer).__name__
-    if rule is None or len(call.inputs) != rule.inputs:
+    if rule is None or not rule.accepts(len(call.inputs)):
         return call.unknown(f"unknown layer {call.path} ({kind})")
     return rule.channels(call)
 
@@ -298,6 +311,8 @@ def read_problem(value: Value, width: int, expected_axis: int | None) -> str:
     """Why ``value`` cannot be read as ``width`` channels on ``expected_axis`` ("" if it can)."""
     if isinstance(value, Unknown):
         return f"reads {value.reason}"
+    if isinstance(value, Several):
+        return "reads several tensors as one"
     if value is None:
         return "reads a tensor without tracked channels"
     if expected_axis is not None and value.axis is not None and value.axis != expected_axis:
