@@ -15,6 +15,7 @@ Example (run with ``torchrun --nproc_per_node=2 script.py``):
     >>> torch.distributed.init_process_group("gloo")
     >>> loader = gm.distributed.shard_loader(dataset, batch_size=256)
     >>> merged = gm.merge([model_a, model_b], loader, "permute")   # same model on every rank
+    >>> torch.distributed.destroy_process_group()  # before exit (gloo may abort otherwise)
 """
 
 from __future__ import annotations
