@@ -1,7 +1,8 @@
 """Default data layout and training hyper-parameters per architecture family on the digits.
 
 Measured on this project's 2-core machine (see README): each recipe reaches
->= 95% test accuracy on the 10-class digits in seconds to a minute.
+>= 95% test accuracy on the 10-class digits in seconds to a minute (the small ViT: 94.7%
+in 4 s).
 VGG without normalization needs 32x32 inputs (at 8x8 its last convs see 1x1
 maps and the signal vanishes) and a smaller learning rate.
 """
@@ -16,6 +17,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mlp": {"layout": "flat", "image_size": 8, "channels": 1, "epochs": 20, "lr": 0.1},
     "resnet20": {"layout": "image", "image_size": 8, "channels": 1, "epochs": 10, "lr": 0.05},
     "vgg": {"layout": "image", "image_size": 32, "channels": 1, "epochs": 10, "lr": 0.02},
+    "vit": {"layout": "image", "image_size": 8, "channels": 1, "epochs": 20, "lr": 0.05},
     "torchvision": {"layout": "image", "image_size": 32, "channels": 3, "epochs": 10, "lr": 0.05},
 }
 

@@ -178,3 +178,33 @@ def test_bad_arguments_are_named():
         gm.models.build("mlp", num_classes=0)
     with pytest.raises(ValueError, match="hidden must list at least one layer"):
         gm.models.build("mlp", hidden=())
+
+
+def test_the_small_vit_runs_traces_exactly_and_merges_a_permuted_copy_back(tmp_path):
+    model = gm.models.build("vit", width=16, depth=2, heads=2, width_multiplier=2, seed=0)
+    assert model.patch.out_channels == 32 and model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    checked = gm.graphs.randomize_statistics(model).eval()
+    x = torch.randn(4, 1, 8, 8)
+    graph = gm.graphs.trace(checked, x)
+    assert graph.check_symmetries(x, relative=True) < 1e-5
+    assert [s.name for s in graph.mergeable_spaces] == [
+        "patch", "encoder.layers.0.linear1", "encoder.layers.1.linear1",
+    ]  # fmt: skip
+    assert {"class_token", "position", "norm.weight"} <= set(graph.space("patch").params)
+    assert len(graph.frozen_spaces) == 4  # the heads: Q/K and V/O of each layer
+    copy = graph.permute(graph.random_permutations(seed=3))
+    with torch.no_grad():
+        merged = gm.merge([checked, copy], [x], "permute", progress=False)
+        assert torch.allclose(merged(x), checked(x), atol=1e-5)
+    gm.save_checkpoint(model, tmp_path / "vit.pt")
+    assert_same_state(gm.load_checkpoint(tmp_path / "vit.pt").model, model)
+
+
+def test_the_vit_checks_its_sizes():
+    with pytest.raises(ValueError, match="width 30 is not a multiple of heads 4"):
+        gm.models.build("vit", width=30)
+    with pytest.raises(ValueError, match="image_size 9 is not a multiple of patch_size 2"):
+        gm.models.build("vit", image_size=9)
+    assert gm.models.data_kwargs("vit", (1, 8, 8), 5) == {
+        "num_classes": 5, "in_channels": 1, "image_size": 8,
+    }  # fmt: skip

@@ -42,7 +42,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--model",
         required=True,
-        help="architecture: mlp, vgg11/13/16/19, resnet20 or torchvision:<name> "
+        help="architecture: mlp, vgg11/13/16/19, resnet20, vit or torchvision:<name> "
         "(see `graphmerge models`)",
     )
     add_architecture_options(model)

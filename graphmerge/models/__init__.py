@@ -1,4 +1,4 @@
-"""Reference architectures (MLP, VGG, ResNet-20) and torchvision models, by name.
+"""Reference architectures (MLP, VGG, ResNet-20, a small ViT) and torchvision models, by name.
 
 Every builder takes a width multiplier and a number of classes. ``build`` records
 the architecture name and its arguments on the model (``spec_of``), so that a
@@ -33,11 +33,17 @@ from graphmerge.models.torchvision_models import (
     torchvision_names,
 )
 from graphmerge.models.vgg import VGG, VGG_CONFIGS, vgg
+from graphmerge.models.vit import ViT
 
 TORCHVISION_PREFIX = "torchvision:"
 SPEC_ATTRIBUTE = "graphmerge_spec"
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "vgg": vgg, "resnet20": resnet20}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "vgg": vgg,
+    "resnet20": resnet20,
+    "vit": ViT,
+}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     f"vgg{depth}": ("vgg", {"depth": depth}) for depth in VGG_CONFIGS
 }
@@ -66,7 +72,8 @@ def build(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
     """Build the architecture ``name`` with ``kwargs``; ``seed`` fixes the random initialisation.
 
     Names: ``mlp``, ``vgg`` (or ``vgg11``/``vgg13``/``vgg16``/``vgg19``), ``resnet20``,
-    and ``torchvision:<name>`` for any torchvision classification model.
+    ``vit`` (a small vision transformer), and ``torchvision:<name>`` for any torchvision
+    classification model.
     The global RNG is left as it was when ``seed`` is given.
 
     Example:
@@ -104,6 +111,8 @@ def data_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> di
         kwargs["input_dim"] = math.prod(input_shape)
     elif architecture in ("vgg", "resnet20"):
         kwargs["in_channels"] = input_shape[0]
+    elif architecture == "vit":
+        kwargs["in_channels"], kwargs["image_size"] = input_shape[0], input_shape[-1]
     return kwargs
 
 
@@ -161,6 +170,7 @@ __all__ = [
     "LayerNorm2d",
     "ModelSpec",
     "ResNet20",
+    "ViT",
     "architecture_of",
     "available",
     "build",
