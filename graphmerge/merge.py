@@ -124,7 +124,7 @@ class Merger:
         entry.check_hyperparameters(hparams)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-        normalization.check_name(normalize, loader)
+        normalization.check_data(normalization.check_name(normalize), loader)
         weight = None if weights is None else model_weights(weights, len(self.models))
         first, last = self.scope(start_at, stop_at)
         merged = [space.name for space in self.spaces[first:last]]
@@ -178,7 +178,7 @@ class Merger:
             >>> aligned = merger.merge("permute")
             >>> path = [merger.reweight(aligned, alpha).model for alpha in (0, 0.25, 0.5)]
         """
-        normalization.check_name(normalize, loader)
+        normalization.check_data(normalization.check_name(normalize), loader)
         weight = None if weights is None else model_weights(weights, len(self.models))
         details = {k: v for k, v in result.details.items() if k != "normalization"}
         again = MergeResult(
@@ -416,7 +416,7 @@ def merge(
     check_models(models, same_device=device is None)
     if loader is not None:
         check_loader(loader)
-    normalization.check_name(normalize, loader)
+    normalization.check_data(normalization.check_name(normalize), loader)
     if normalize is not None and iter(loader) is loader:
         raise ValueError(
             f"normalize={normalize!r} passes over the data again after the statistics: "

@@ -13,6 +13,7 @@ joint solver, one that trains on data) is a new subclass, registered with
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -62,8 +63,9 @@ class Solution:
 
 
 @dataclass(frozen=True)
-class Entry:
-    """A registered matching method: its function, its paper, and how it is solved."""
+class Entry(ABC):
+    """A registered matching method: its function, its paper, and how it is solved
+    (``solve``, which each kind of method defines)."""
 
     name: str
     function: MatchingFunction
@@ -74,9 +76,9 @@ class Entry:
     # Parameters the engine fills in: not hyper-parameters a user passes.
     provided: ClassVar[frozenset[str]] = frozenset()
 
+    @abstractmethod
     def solve(self, problem: MatchingProblem, hparams: Mapping[str, object]) -> Solution:
         """A Match for every space of ``problem``."""
-        raise NotImplementedError(f"{type(self).__name__} does not define solve")
 
     @property
     def summary(self) -> str:

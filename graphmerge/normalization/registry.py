@@ -103,19 +103,20 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
-def check_name(name: str | None, loader: object = True, none: str = "None") -> str | None:
-    """``name`` if it is a registered normalization or None, else a clear error; a name
-    without ``loader`` (data to normalize on) is an error too. ``none`` is how the
-    caller spells "no normalization" (the CLI: "none")."""
-    if name is None:
-        return None
-    if name not in _REGISTRY:
+def check_name(name: str | None, none: str = "None") -> str | None:
+    """``name`` if it is a registered normalization or None, else a clear error; ``none``
+    is how the caller spells "no normalization" (the CLI: "none")."""
+    if name is not None and name not in _REGISTRY:
         raise ValueError(
             f"unknown normalization {name!r}: choose one of {', '.join(available())} (or {none})"
         )
-    if loader is None:
-        raise ValueError(f"normalize={name!r} needs data: pass loader=")
     return name
+
+
+def check_data(name: str | None, loader: object) -> None:
+    """A clear error for a normalization asked for without data to normalize on."""
+    if name is not None and loader is None:
+        raise ValueError(f"normalize={name!r} needs data: pass loader=")
 
 
 def normalize(name: str, request: NormalizationRequest) -> Renormalized:

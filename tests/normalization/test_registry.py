@@ -17,13 +17,13 @@ def registered(monkeypatch):
 def test_the_built_in_normalizations_are_registered_in_order():
     assert gm.normalization.available()[:3] == ["reset", "repair", "rescale"]
     assert gm.normalization.check_name(None) is None
-    assert gm.normalization.check_name("repair", loader=[]) == "repair"
+    assert gm.normalization.check_name("repair") == "repair"
     with pytest.raises(ValueError, match=r"unknown normalization 'x': choose one of reset, rep"):
         gm.normalization.check_name("x")
     with pytest.raises(ValueError, match=r"\(or none\)"):
         gm.normalization.check_name("x", none="none")
     with pytest.raises(ValueError, match="normalize='reset' needs data"):
-        gm.normalization.check_name("reset", loader=None)
+        gm.normalization.check_data("reset", None)
 
 
 def test_a_registered_normalization_runs_by_name_in_merge_and_compare(registered, digits_flat):

@@ -183,6 +183,11 @@ class LayerRule:
             return value, ""
         return None, f"({type(layer).__name__}) is applied to parameters"
 
+    def traced_forward(self, layer: nn.Module, kwargs: dict) -> Callable | None:
+        """For a rule with ``leaf = False``: the plain forward torch.fx follows instead of
+        the layer's own when called with ``kwargs`` (None: its own forward)."""
+        return None
+
     def correction_of(self, layer: nn.Module) -> Correction:
         """``correction`` for this layer (a rule may decide per instance)."""
         return self.correction
@@ -288,8 +293,7 @@ def traced_through(layer: nn.Module, kwargs: dict) -> Callable | None:
     """The plain forward torch.fx follows for ``layer`` called with ``kwargs``, if its own
     type's rule gives one (``traced_forward``); else None."""
     rule = _RULES.get(type(layer))
-    plain = getattr(rule, "traced_forward", None)
-    return None if rule is None or rule.leaf or plain is None else plain(layer, kwargs)
+    return None if rule is None or rule.leaf else rule.traced_forward(layer, kwargs)
 
 
 def registered() -> dict[type[nn.Module], LayerRule]:

@@ -20,10 +20,6 @@ class TracedThroughRule(LayerRule):
 
     leaf = False
 
-    def traced_forward(self, layer: nn.Module, kwargs: dict) -> Callable | None:
-        """The plain forward the tracer follows (None: the layer's own forward)."""
-        return None
-
 
 @register_layer(nn.TransformerEncoderLayer)
 class EncoderLayerRule(TracedThroughRule):
