@@ -69,6 +69,11 @@ class ParamAxis(ChannelRun):
     where it reads it (conv input channels: folded with the unmerge matrix).
     Positions ``offset`` .. ``offset + width * repeat`` of ``axis`` hold the space,
     each channel repeated ``repeat`` times consecutively.
+
+    ``groups`` > 1 marks the input axis of a grouped convolution (weight axis 1): the
+    space has ``groups`` blocks of ``width // groups`` channels, and the rows of block g
+    along axis 0 read only block g, so the axis holds one block (``block_width``
+    positions) and is folded block by block (``fold_grouped``).
     """
 
     param: str
@@ -77,10 +82,20 @@ class ParamAxis(ChannelRun):
     offset: int = 0
     width: int = 0
     repeat: int = 1
+    groups: int = 1
+
+    @property
+    def block_width(self) -> int:
+        return self.width // self.groups
+
+    @property
+    def size(self) -> int:
+        return self.block_width * self.repeat if self.groups > 1 else self.width * self.repeat
 
     def __str__(self) -> str:
         repeat = f" x{self.repeat}" if self.repeat > 1 else ""
-        return f"{self.param}:{self.axis}[{self.offset}:{self.stop}]{repeat} ({self.role})"
+        groups = f" /{self.groups} groups" if self.groups > 1 else ""
+        return f"{self.param}:{self.axis}[{self.offset}:{self.stop}]{repeat}{groups} ({self.role})"
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,19 @@ class Match:
     @property
     def merged_width(self) -> int:
         return self.merge.shape[0]
+
+
+def composed_permutation(blocks: Tensor, within: Sequence[Tensor]) -> Tensor:
+    """The permutation of a structured axis: new position h*w + j takes old position
+    blocks[h]*w + within[h][j] (block h of the result is block ``blocks[h]``, its channels
+    reordered by ``within[h]``).
+
+    Example:
+        >>> composed_permutation(torch.tensor([1, 0]), [torch.tensor([1, 0])] * 2).tolist()
+        [3, 2, 1, 0]
+    """
+    width = len(within[0])
+    return torch.cat([blocks[h] * width + within[h].long() for h in range(len(blocks))])
 
 
 def state_tensors(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
@@ -182,6 +210,15 @@ class AxisMap:
             return cls(index=index, scale=None if bool((scale == 1).all()) else scale)
         return cls(matrix=matrix)
 
+    def dense(self, width: int) -> Tensor:
+        """The map as a (d', d) matrix (float64), d = ``width``."""
+        if self.matrix is not None:
+            return self.matrix.double()
+        matrix = torch.zeros(len(self.index), width, dtype=torch.float64)
+        scale = torch.ones(len(self.index)) if self.scale is None else self.scale
+        matrix[torch.arange(len(self.index)), self.index.long().cpu()] = scale.double().cpu()
+        return matrix
+
     def apply(self, tensor: Tensor, axis: int) -> Tensor:
         """``tensor`` with ``axis`` (length d) mapped to d' channels."""
         if self.index is not None:
@@ -251,12 +288,45 @@ def _fold_axis(
             pieces.append(tensor.narrow(axis, position, param_axis.offset - position))
         space_maps = maps[space]
         axis_map = (space_maps.write if param_axis.role == "out" else space_maps.read)[model]
-        part = axis_map.apply(param_axis.units(tensor, axis), axis)
-        pieces.append(part.flatten(axis, axis + 1))
+        if param_axis.groups > 1:
+            pieces.append(fold_grouped(tensor, param_axis, axis_map))
+        else:
+            part = axis_map.apply(param_axis.units(tensor, axis), axis)
+            pieces.append(part.flatten(axis, axis + 1))
         position = param_axis.stop
     if position < tensor.shape[axis]:
         pieces.append(tensor.narrow(axis, position, tensor.shape[axis] - position))
     return torch.cat(pieces, dim=axis)
+
+
+def fold_grouped(tensor: Tensor, param_axis: ParamAxis, axis_map: AxisMap) -> Tensor:
+    """Axis 1 of a grouped convolution's weight (rows already in merged order) mapped block by
+    block: the rows of merged block g read merged block g of the input space, so they take
+    the map's block g rows; its columns sum over the source blocks (a structured match puts
+    each merged block's non-zeros in one source block, so the sum is that block).
+
+    The merged space keeps the block width: it has d' / w blocks, as the rows do.
+    """
+    width, groups = param_axis.width, param_axis.groups
+    block = param_axis.block_width
+    matrix = axis_map.dense(width).to(device=tensor.device, dtype=tensor.dtype)
+    merged_groups = matrix.shape[0] // block
+    per_block = matrix.reshape(merged_groups, block, groups, block).sum(dim=2)  # (G', w', w)
+    rows = tensor.reshape(merged_groups, tensor.shape[0] // merged_groups, block, -1)
+    mapped = torch.einsum("gkj,grjs->grks", per_block, rows)
+    return mapped.reshape(tensor.shape[0], block, *tensor.shape[2:])
+
+
+def block_diagonal(tensor: Tensor, param_axis: ParamAxis) -> Tensor:
+    """A grouped weight (C_out, C_in / G, ...) as the dense weight it acts as (C_out, C_in, ...):
+    block g of the rows holds its weights at block g of the columns, zeros elsewhere."""
+    groups, block = param_axis.groups, param_axis.block_width
+    rows = tensor.shape[0] // groups
+    dense = tensor.new_zeros(tensor.shape[0], groups * block, *tensor.shape[2:])
+    for group in range(groups):
+        part = slice(group * rows, (group + 1) * rows)
+        dense[part, group * block : (group + 1) * block] = tensor[part]
+    return dense
 
 
 def fold_state_dicts(

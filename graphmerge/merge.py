@@ -19,7 +19,7 @@ from graphmerge import matching_functions, normalization
 from graphmerge.batches import batch_inputs, check_loader
 from graphmerge.fold import AxisMap, Match, SpaceMaps, fold_state_dicts, state_tensors
 from graphmerge.graphs import ModelGraph, Space, check_plain_model, trace
-from graphmerge.matching_functions import MatchingProblem
+from graphmerge.matching_functions import MatchingProblem, structured
 from graphmerge.resize import resized_copy
 from graphmerge.results import MergeResult
 from graphmerge.runtime import evaluating, model_device, on_device
@@ -127,7 +127,7 @@ class Merger:
         normalization.check_data(normalization.check_name(normalize), loader)
         weight = None if weights is None else model_weights(weights, len(self.models))
         first, last = self.scope(start_at, stop_at)
-        merged = [space.name for space in self.spaces[first:last]]
+        merged = self._in_scope(self.spaces[first:last])
         if merged and entry.needs_statistics and self.statistics is None:
             raise ValueError(
                 f"method {method!r} needs feature statistics: call collect(loader) first"
@@ -136,7 +136,7 @@ class Merger:
         started = time.perf_counter()
         problem = MatchingProblem(
             graph=self.graph,
-            spaces=self.spaces[first:last],
+            spaces=[space for space in self.spaces if space.name in merged],
             num_models=count,
             positions={space.name: index for index, space in enumerate(self.spaces)},
             num_spaces=len(self.spaces),
@@ -154,6 +154,8 @@ class Merger:
             else:
                 eye = torch.eye(count * space.width, dtype=torch.float64)
                 matches[space.name] = Match(eye, eye)
+        for index in self.graph.block_spaces:
+            matches[index.name] = _index_match(self.graph, index, matches, count, method)
         details = dict(solution.details)
         result = MergeResult(
             model=None, matches=matches, merged=merged, method=method, output=output,
@@ -215,6 +217,20 @@ class Merger:
         result.details["normalization"] = report
         result.normalize = normalize
 
+    def _in_scope(self, spaces: Sequence[Space]) -> list[str]:
+        """Names of ``spaces``, with the spaces of a block index following its first one (in
+        or out of the scope together: they share one block permutation)."""
+        names = {space.name for space in spaces}
+        first_of: dict[str, bool] = {}
+        for space in self.spaces:
+            if space.blocks:
+                first_of.setdefault(space.blocks, space.name in names)
+        return [
+            space.name
+            for space in self.spaces
+            if (first_of[space.blocks] if space.blocks else space.name in names)
+        ]
+
     def scope(self, start_at: int | str | None, stop_at: int | str | None) -> tuple[int, int]:
         """Indices [first, last) into ``spaces`` of the spaces start_at / stop_at merge."""
         first = 0 if start_at is None else self._position(start_at, "start_at")
@@ -274,6 +290,25 @@ def _space_maps(match: Match, count: int) -> SpaceMaps:
         write=[AxisMap.from_matrix(match.merge[:, b]) for b in block],
         read=[AxisMap.from_matrix(match.unmerge[b, :].T) for b in block],
     )
+
+
+def _index_match(
+    graph: ModelGraph, index: Space, matches: dict[str, Match], count: int, method: str
+) -> Match:
+    """The match of a block index, from the spaces it structures (which must agree)."""
+    found = [
+        (space, structured.block_match(matches[space.name], space, index.width, count, method))
+        for space in graph.structured(index.name)
+    ]
+    first_space, first = found[0]
+    for space, match in found[1:]:
+        if not torch.equal(match.merge != 0, first.merge != 0):
+            raise ValueError(
+                f"{method} paired the blocks of {first_space.name!r} and {space.name!r} "
+                f"differently, but they share the block index {index.name!r} (one permutation "
+                "of the heads or groups): match them together (the built-in methods do)"
+            )
+    return first
 
 
 def _checked(match: Match | None, space: Space, count: int, method: str) -> Match:

@@ -187,15 +187,18 @@ def test_the_small_vit_runs_traces_exactly_and_merges_a_permuted_copy_back(tmp_p
     x = torch.randn(4, 1, 8, 8)
     graph = gm.graphs.trace(checked, x)
     assert graph.check_symmetries(x, relative=True) < 1e-5
-    assert [s.name for s in graph.mergeable_spaces] == [
-        "patch", "encoder.layers.0.linear1", "encoder.layers.1.linear1",
+    layer = "encoder.layers.0"
+    assert [s.name for s in graph.mergeable_spaces][:4] == [
+        "patch", f"{layer}.self_attn.query_key", f"{layer}.self_attn.value", f"{layer}.linear1",
     ]  # fmt: skip
     assert {"class_token", "position", "norm.weight"} <= set(graph.space("patch").params)
-    assert len(graph.frozen_spaces) == 4  # the heads: Q/K and V/O of each layer
+    assert graph.coverage == 1.0 and not graph.frozen_spaces  # heads matched as blocks
+    assert graph.space(f"{layer}.self_attn.value").blocks == f"{layer}.self_attn.heads"
     copy = graph.permute(graph.random_permutations(seed=3))
     with torch.no_grad():
-        merged = gm.merge([checked, copy], [x], "permute", progress=False)
-        assert torch.allclose(merged(x), checked(x), atol=1e-5)
+        for method in ("permute", "weight_matching"):
+            merged = gm.merge([checked, copy], [x], method, progress=False)
+            assert torch.allclose(merged(x), checked(x), atol=1e-5), method
     gm.save_checkpoint(model, tmp_path / "vit.pt")
     assert_same_state(gm.load_checkpoint(tmp_path / "vit.pt").model, model)
 

@@ -49,12 +49,16 @@ def summary(graph: ModelGraph) -> str:
     """Spaces (index, name, width, parameter axes, status), frozen reasons and coverage."""
     rows = [("#", "space", "width", "axes", "status")]
     for space in graph.spaces:
-        if space.role != "hidden":
+        if space.role == "blocks":
+            status = "blocks" + (" (frozen)" if space.frozen else "")
+        elif space.role != "hidden":
             status = space.role
         elif space.frozen:
             status = "FROZEN"
         else:
             status = "mergeable"
+        if space.blocks and space.role == "hidden":
+            status += f", in blocks of {space.blocks}"
         if len(space.producers) > 1:
             status += f" (stream of {len(space.producers)} layers)"
         rows.append(

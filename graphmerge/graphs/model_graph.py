@@ -15,6 +15,7 @@ from torch import Tensor, fx, nn
 from graphmerge.fold import (
     AxisMap,
     SpaceMaps,
+    composed_permutation,
     fold_state_dicts,
     loaded_copy,
     state_tensors,
@@ -254,10 +255,32 @@ class ModelGraph:
         return mergeable / hidden if hidden else 1.0
 
     # -- symmetries --------------------------------------------------------------------------
+    @property
+    def block_spaces(self) -> list[Space]:
+        """The block indices (heads, groups) whose spaces are mergeable."""
+        return [space for space in self.spaces if space.role == "blocks" and not space.frozen]
+
+    def structured(self, index: str) -> list[Space]:
+        """The mergeable spaces whose blocks are those of block index ``index``."""
+        return [space for space in self.mergeable_spaces if space.blocks == index]
+
     def random_permutations(self, seed: int = 0) -> dict[str, Tensor]:
-        """A random permutation of every mergeable space (seeded)."""
+        """A random permutation of every mergeable space and block index (seeded).
+
+        A structured space gets its index's block permutation composed with a random
+        permutation within each block (``composed_permutation``).
+        """
         generator = torch.Generator().manual_seed(seed)
-        return {s.name: torch.randperm(s.width, generator=generator) for s in self.mergeable_spaces}
+        found = {s.name: torch.randperm(s.width, generator=generator) for s in self.block_spaces}
+        for space in self.mergeable_spaces:
+            if space.blocks:
+                blocks = found[space.blocks]
+                width = space.width // len(blocks)
+                within = [torch.randperm(width, generator=generator) for _ in blocks]
+                found[space.name] = composed_permutation(blocks, within)
+            else:
+                found[space.name] = torch.randperm(space.width, generator=generator)
+        return found
 
     def permute(self, permutations: dict[str, Tensor], model: nn.Module | None = None) -> nn.Module:
         """A copy of ``model`` (default: the graph's model) with channels of each space permuted.
@@ -269,7 +292,7 @@ class ModelGraph:
         maps = {}
         for name, index in permutations.items():
             space = self.space(name)
-            if not space.mergeable:
+            if not space.mergeable and space not in self.block_spaces:
                 raise ValueError(f"space {name!r} is not mergeable ({space.role}, {space.reason})")
             if sorted(index.tolist()) != list(range(space.width)):
                 raise ValueError(f"permutation of {name!r} must reorder 0..{space.width - 1}")

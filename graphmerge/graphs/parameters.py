@@ -42,6 +42,19 @@ class FromParameters:
         return cls(tuple(shape), (frozenset(),) * len(shape), reason)
 
     @property
+    def parameter(self) -> str | None:
+        """The name of the parameter this tensor is, as it is stored (None otherwise)."""
+        names = {name for axis in self.axes for name, _ in axis}
+        if len(names) != 1 or self.constant:
+            return None
+        name = names.pop()
+        as_stored = all(
+            axis == (frozenset({(name, k)}) if size > 1 else frozenset())
+            for k, (axis, size) in enumerate(zip(self.axes, self.shape, strict=True))
+        )
+        return name if as_stored else None
+
+    @property
     def parameter_axes(self) -> frozenset[ParameterAxis]:
         """Every parameter axis the tensor carries, on any of its axes."""
         return frozenset().union(*self.axes)

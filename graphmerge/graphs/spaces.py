@@ -12,6 +12,7 @@ result into the immutable :class:`Space` list of a ModelGraph.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -19,7 +20,7 @@ from networkx.utils import UnionFind
 
 from graphmerge.fold import ChannelRun, ParamAxis, Role
 
-SpaceRole = Literal["hidden", "input", "output"]
+SpaceRole = Literal["hidden", "input", "output", "blocks"]
 
 INPUT_REASON = "model input: every model reads the same input, never permuted"
 OUTPUT_REASON = "model output: logits are averaged or concatenated, never permuted"
@@ -112,6 +113,14 @@ class Space:
         merge_point: graph node whose output features are read for statistics.
         frozen: True where the space must not be permuted or merged.
         reason: why it is frozen ("" when it is not).
+        blocks: the name of the space's block index when it is structured (attention
+            heads, convolution groups: ``width // count`` channels per block, blocks moved
+            only as wholes by one permutation shared with every space of that index,
+            channels moved freely within their block), "" otherwise.
+
+    A block index is itself a Space of role "blocks" whose width is the number of blocks:
+    it holds the parameter axes that only the block permutation moves (a table with one
+    column per head) and is matched through the spaces it structures.
     """
 
     name: str
@@ -123,6 +132,7 @@ class Space:
     merge_point: str | None
     frozen: bool
     reason: str = ""
+    blocks: str = ""
 
     @property
     def mergeable(self) -> bool:
@@ -176,6 +186,8 @@ class SpaceFinder:
         self._layout: dict[tuple[str, int], tuple[Segment, ...]] = {}
         self._producers: dict[int, list[str]] = defaultdict(list)
         self._frozen_axes: dict[tuple[str, int], list[str]] = defaultdict(list)
+        self._block_counts: dict[int, int] = {}  # block index element -> number of blocks
+        self._structures: dict[int, list[int]] = defaultdict(list)  # element -> block indices
         self.input_element = self.new("input", 0)
         self.output_element = self.new("output", 0)
         self.freeze(self.input_element, INPUT_REASON)
@@ -193,6 +205,35 @@ class SpaceFinder:
 
     def new_channels(self, origin: str, width: int, axis: int | None) -> Channels:
         return Channels(axis, (Segment(self.new(origin, width, producer=True), width),))
+
+    def origin(self, element: int) -> str:
+        """Where ``element`` was first seen (the name its space gets if nothing names it)."""
+        return self._elements[element].origin
+
+    def block_index(self, origin: str, count: int) -> int:
+        """A fresh block index of ``count`` blocks (the heads or groups of ``origin``)."""
+        element = self.new(origin, count)
+        self._block_counts[element] = count
+        return element
+
+    def structure(self, value: Channels, index: int) -> None:
+        """The channels of ``value`` form the blocks of ``index``: whole blocks move together
+        (by the index's permutation), channels move only within their block.
+
+        A space structured by two indices of the same count makes them one (one permutation
+        of the blocks); of different counts, or a value of several segments, is frozen.
+        """
+        count = self._block_counts[index]
+        if len(value.segments) != 1 or value.segments[0].repeat != 1:
+            self.freeze_value(value, f"{self._elements[index].origin}: blocks across spaces")
+            return
+        segment = value.segments[0]
+        if segment.width % count:
+            self.freeze_value(
+                value, f"{self._elements[index].origin}: {segment.width} channels in {count} blocks"
+            )
+            return
+        self._structures[segment.element].append(index)
 
     def input_channels(self, width: int) -> Channels:
         return Channels(None, (Segment(self.input_element, width),))
@@ -262,11 +303,12 @@ class SpaceFinder:
         return Channels(axis, tuple(s for value in values for s in value.segments))
 
     # -- parameters -----------------------------------------------------------------------
-    def touch(self, param: str, axis: int, role: Role, value: Channels) -> None:
+    def touch(self, param: str, axis: int, role: Role, value: Channels, groups: int = 1) -> None:
         """Parameter ``param`` reads (role "in") or writes (role "out") ``value`` along ``axis``.
 
         Touching the same parameter axis twice (a layer called twice, a tied weight under
         either of its names) unites the spaces; the first touch gives the axis its role.
+        ``groups`` > 1: the input axis of a grouped convolution (see ``ParamAxis``).
         """
         param = self._aliases.get(param, param)
         key = (param, axis)
@@ -286,17 +328,19 @@ class SpaceFinder:
             self._param_axes.append(
                 (
                     segment.element,
-                    ParamAxis(param, axis, role, offset, segment.width, segment.repeat),
+                    ParamAxis(param, axis, role, offset, segment.width, segment.repeat, groups),
                 )
             )
             offset += segment.size
 
-    def touch_unknown(self, param: str, axis: int, width: int, reason: str) -> Channels:
+    def touch_unknown(
+        self, param: str, axis: int, width: int, reason: str, groups: int = 1
+    ) -> Channels:
         """A parameter axis reading channels the tracer could not follow: a frozen block."""
         element = self.new(f"{param.rsplit('.', 1)[0]}.input", width)
         self.freeze(element, reason)
         value = Channels(None, (Segment(element, width),))
-        self.touch(param, axis, "in", value)
+        self.touch(param, axis, "in", value, groups)
         return value
 
     # -- results --------------------------------------------------------------------------
@@ -314,14 +358,23 @@ class SpaceFinder:
         groups: dict[int, list[int]] = defaultdict(list)
         for element in range(len(self._elements)):
             groups[self.root(element)].append(element)
+        index_of = self._unite_blocks(groups)
+        groups = defaultdict(list)  # uniting block indices joined some of their groups
+        for element in range(len(self._elements)):
+            groups[self.root(element)].append(element)
         axes: dict[int, list[ParamAxis]] = defaultdict(list)
         for element, axis in self._param_axes:
             axes[self.root(element)].append(axis)
+        indices = {self.root(index) for index in index_of.values()}
         used = [
             root
             for root, members in groups.items()
-            if axes[root] or self.input_element in members or self.output_element in members
+            if axes[root]
+            or root in indices
+            or self.input_element in members
+            or self.output_element in members
         ]
+        self._freeze_structures(index_of, groups, axes)
         last = len(self._elements)
         used.sort(
             key=lambda root: (
@@ -339,7 +392,56 @@ class SpaceFinder:
             spaces.append(space)
             for element in members:
                 by_element[element] = space
-        return spaces, by_element
+        return _with_block_names(spaces, by_element, index_of, self.root), by_element
+
+    def _unite_blocks(self, groups: dict[int, list[int]]) -> dict[int, int]:
+        """Each structured space's (root's) block index, after uniting the indices a space
+        shares; a space with blocks of two sizes is frozen and keeps none."""
+        index_of: dict[int, int] = {}
+        for root, members in groups.items():
+            found = [index for element in members for index in self._structures.get(element, ())]
+            if not found:
+                continue
+            counts = sorted({self._block_counts[index] for index in found})
+            if len(counts) > 1:
+                reason = f"blocks of {counts} sizes (heads or groups) meet here"
+                for element in (*members, *found):
+                    self.freeze(element, reason)
+                continue
+            for index in found[1:]:
+                self.union(found[0], index)
+            index_of[root] = found[0]
+        return index_of
+
+    def _freeze_structures(
+        self,
+        index_of: dict[int, int],
+        groups: dict[int, list[int]],
+        axes: dict[int, list[ParamAxis]],
+    ) -> None:
+        """A frozen space freezes its block index, and a frozen index every space it
+        structures (their blocks could no longer move together), until nothing changes."""
+
+        def frozen(root: int) -> list[str]:
+            reasons = [r for e in groups[root] for r in self._elements[e].frozen_reasons]
+            return reasons + [
+                r for a in axes[root] for r in self._frozen_axes.get((a.param, a.axis), ())
+            ]
+
+        changed = True
+        while changed:
+            changed = False
+            for root, index in index_of.items():
+                if not axes[root]:
+                    continue
+                index_root = self.root(index)
+                mine, theirs = frozen(root), frozen(index_root)
+                if mine and not theirs:
+                    self.freeze(index_root, f"a space of its blocks is frozen ({mine[0]})")
+                    changed = True
+                elif theirs and not mine:
+                    self.freeze(groups[root][0], f"its blocks are frozen ({theirs[0]})")
+                    changed = True
 
     def _space(
         self,
@@ -351,13 +453,21 @@ class SpaceFinder:
         taken: set[str],
     ) -> Space:
         role: SpaceRole = "hidden"
-        if self.input_element in members:
+        if any(element in self._block_counts for element in members):
+            role = "blocks"
+        elif self.input_element in members:
             role = "input"
         elif self.output_element in members:
             role = "output"
         reasons = [r for e in members for r in self._elements[e].frozen_reasons]
         reasons += [r for a in param_axes for r in self._frozen_axes.get((a.param, a.axis), ())]
         reasons = list(dict.fromkeys(reasons))
+        if role == "blocks":
+            widths = {axis.width for axis in param_axes} | {
+                self._block_counts[e] for e in members if e in self._block_counts
+            }
+            if len(widths) > 1:
+                reasons.append(f"inconsistent block counts {sorted(widths)}")
         if role == "hidden":
             widths = {axis.width for axis in param_axes}
             if len(widths) > 1:
@@ -368,6 +478,8 @@ class SpaceFinder:
             name = f"{name}#{index}"
         taken.add(name)
         width = max((axis.width for axis in param_axes), default=0)
+        if role == "blocks":
+            width = max(self._block_counts[e] for e in members if e in self._block_counts)
         merge_point = next((merge_points[e] for e in members if e in merge_points), None)
         return Space(
             name=name,
@@ -382,6 +494,25 @@ class SpaceFinder:
         )
 
 
+def _with_block_names(
+    spaces: list[Space],
+    by_element: dict[int, Space],
+    index_of: dict[int, int],
+    root: Callable[[int], int],
+) -> list[Space]:
+    """``spaces`` with each structured space's ``blocks`` set to its index space's name
+    (``by_element`` updated alike)."""
+    blocks = {
+        by_element[root].name: by_element[root_index].name
+        for root, root_index in ((r, root(i)) for r, i in index_of.items())
+        if root in by_element
+    }
+    named = {space.name: replace(space, blocks=blocks.get(space.name, "")) for space in spaces}
+    for element, space in by_element.items():
+        by_element[element] = named[space.name]
+    return [named[space.name] for space in spaces]
+
+
 def _space_name(
     role: SpaceRole,
     members: list[int],
@@ -389,6 +520,8 @@ def _space_name(
     names: dict[int, str] | None,
     elements: list[_Element],
 ) -> str:
+    if role == "blocks":
+        return elements[members[0]].origin
     if role != "hidden":
         return role
     for element in members:

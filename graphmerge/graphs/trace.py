@@ -22,7 +22,14 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from graphmerge.fold import state_tensors, tensor_aliases
 from graphmerge.graphs import parameters
-from graphmerge.graphs.layers import LayerCall, rule_for, traced_through, traced_whole
+from graphmerge.graphs.layers import (
+    FunctionCall,
+    LayerCall,
+    function_rule,
+    rule_for,
+    traced_through,
+    traced_whole,
+)
 from graphmerge.graphs.layers.elementwise import reshaped, spatial
 from graphmerge.graphs.model_graph import GraphRecorder, ModelGraph, NodeKind
 from graphmerge.graphs.operations import (
@@ -314,6 +321,15 @@ class _Walker:
 
     def _call_function(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         name = name_of(node.target)
+        rule = function_rule(node.target)
+        if rule is not None:
+            call = FunctionCall(
+                self.finder,
+                node.name,
+                fx.node.map_arg(node.args, self._value),
+                fx.node.map_arg(node.kwargs, self._value),
+            )
+            return rule.channels(call), NodeKind.FUNCTION, rule.category
         value = self._function(node, name, node.target)
         if name == "getitem" and isinstance(self._value(node.args[0]), Several):
             return value, NodeKind.FUNCTION, "producer"  # an output of a layer

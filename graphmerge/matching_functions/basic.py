@@ -15,7 +15,11 @@ from graphmerge.matching_functions.common import (
 from graphmerge.matching_functions.registry import register
 
 
-@register("identity", paper="weight averaging (Utans 1996; Wortsman et al. 2022, model soups)")
+@register(
+    "identity",
+    paper="weight averaging (Utans 1996; Wortsman et al. 2022, model soups)",
+    blocks="aligned",
+)
 def identity(stats: Statistics, num_models: int) -> tuple[Tensor, Tensor]:
     """Unit k of every model is unit k of the merged model: plain weight averaging.
 

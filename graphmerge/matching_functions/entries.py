@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from graphmerge.fold import Match
 from graphmerge.graphs import ModelGraph, Space
-from graphmerge.matching_functions.common import Statistics, permutation_match
+from graphmerge.matching_functions import structured
+from graphmerge.matching_functions.common import Statistics, permutation_match, unit_similarity
 
 MatchingFunction = Callable[..., object]
 
@@ -70,6 +71,9 @@ class Entry(ABC):
     name: str
     function: MatchingFunction
     paper: str = ""
+    # How blocks of structured spaces (heads, groups) are paired: "matched" by a two-level
+    # assignment on the features, or "aligned" (block k with block k: plain averaging).
+    blocks: str = "matched"
 
     kind: ClassVar[str] = "custom"  # what listings show
     needs_statistics: ClassVar[bool] = True  # the engine collects statistics before solving
@@ -118,20 +122,68 @@ class FeatureEntry(Entry):
 
     def solve(self, problem: MatchingProblem, hparams: Mapping[str, object]) -> Solution:
         matches = {}
+        structured: dict[str, list[Space]] = {}
         for space in problem.spaces:
+            if space.blocks:
+                structured.setdefault(space.blocks, []).append(space)
+                continue
             context = self.context(problem, space)
-            try:
-                found = self.function(
-                    problem.statistics[space.name], problem.num_models, **context, **hparams
-                )
-            except ValueError as error:
-                raise ValueError(f"{self.name} on space {space.name!r}: {error}") from error
-            matches[space.name] = Match(*found)
+            matches[space.name] = self._match(problem, space, context, hparams)
+        for index, spaces in structured.items():
+            matches |= self._solve_blocks(problem, index, spaces, hparams)
         return Solution(matches)
+
+    def _match(
+        self,
+        problem: MatchingProblem,
+        space: Space,
+        context: Mapping[str, object],
+        hparams: Mapping[str, object],
+        stats: Statistics | None = None,
+    ) -> Match:
+        stats = problem.statistics[space.name] if stats is None else stats
+        try:
+            found = self.function(stats, problem.num_models, **context, **hparams)
+        except ValueError as error:
+            raise ValueError(f"{self.name} on space {space.name!r}: {error}") from error
+        return Match(*found)
+
+    def _solve_blocks(
+        self,
+        problem: MatchingProblem,
+        index: str,
+        spaces: Sequence[Space],
+        hparams: Mapping[str, object],
+    ) -> dict[str, Match]:
+        """The spaces of one block index: blocks paired (``blocks``), then the function on
+        each merged block's units alone; every space gets the context of the first."""
+        blocks = problem.graph.space(index).width
+
+        def similarity(space: Space, model: int) -> Tensor:
+            found = unit_similarity(problem.statistics[space.name])
+            return found[: space.width, model * space.width : (model + 1) * space.width]
+
+        partners = structured.block_partners(
+            similarity, spaces, blocks, problem.num_models, self.aligned_blocks(hparams)
+        )
+        context = self.context(problem, spaces[0])
+        return {
+            space.name: structured.solve_blocks(
+                lambda stats, space=space: self._match(problem, space, context, hparams, stats),
+                problem.statistics[space.name],
+                space,
+                partners,
+            )
+            for space in spaces
+        }
 
     def context(self, problem: MatchingProblem, space: Space) -> dict[str, object]:
         """What the engine passes besides the statistics and the hyper-parameters."""
         return {}
+
+    def aligned_blocks(self, hparams: Mapping[str, object]) -> bool:
+        """Whether blocks of structured spaces stay in place (block k with block k)."""
+        return self.blocks == "aligned"
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from graphmerge.matching_functions.common import Statistics, feature_width
 from graphmerge.matching_functions.entries import FeatureEntry, ScopeEntry
-from graphmerge.matching_functions.registry import entry, register
+from graphmerge.matching_functions.registry import entry, register_entry
 
 PAPER = (
     "preserve-first merging (PFM): the first k spaces unmerged, the counterpart of ZipIt!'s "
@@ -15,7 +17,6 @@ PAPER = (
 )
 
 
-@register("preserve_first", kind="scope", paper=PAPER)
 def preserve_first(
     stats: Statistics,
     num_models: int,
@@ -55,3 +56,15 @@ def preserve_first(
         eye = torch.eye(num_models * feature_width(stats, num_models), dtype=torch.float64)
         return eye, eye
     return wrapped.function(stats, num_models, **inner_hparams)
+
+
+class PreserveFirstEntry(ScopeEntry):
+    """preserve_first as a scope entry: the blocks of structured spaces are paired as its
+    ``inner`` method pairs them."""
+
+    def aligned_blocks(self, hparams: Mapping[str, object]) -> bool:
+        inner = hparams.get("inner", self.hyperparameters["inner"])
+        return entry(inner).aligned_blocks({}) if isinstance(inner, str) else False
+
+
+register_entry(PreserveFirstEntry("preserve_first", preserve_first, PAPER))

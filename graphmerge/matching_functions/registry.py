@@ -25,15 +25,20 @@ from collections.abc import Callable
 from graphmerge.matching_functions.entries import ENTRY_KINDS, Entry, MatchingFunction
 
 KINDS = tuple(ENTRY_KINDS)
+BLOCK_PAIRINGS = ("matched", "aligned")
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
 def register(
-    name: str, kind: str = "features", paper: str = ""
+    name: str, kind: str = "features", paper: str = "", blocks: str = "matched"
 ) -> Callable[[MatchingFunction], MatchingFunction]:
     """Decorator that registers a matching function under ``name`` as a ``kind`` entry.
+
+    ``blocks`` says how the blocks of structured spaces (heads, groups) are paired before
+    the function runs on each pair: "matched" (a two-level assignment on the features) or
+    "aligned" (block k with block k).
 
     Example:
         >>> @gm.matching_functions.register("mine", paper="My et al. 2026")
@@ -43,9 +48,11 @@ def register(
     _check_name(name)
     if kind not in ENTRY_KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if blocks not in BLOCK_PAIRINGS:
+        raise ValueError(f"blocks must be one of {', '.join(BLOCK_PAIRINGS)}, got {blocks!r}")
 
     def decorator(function: MatchingFunction) -> MatchingFunction:
-        register_entry(ENTRY_KINDS[kind](name, function, paper))
+        register_entry(ENTRY_KINDS[kind](name, function, paper, blocks))
         return function
 
     return decorator

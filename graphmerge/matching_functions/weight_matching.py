@@ -8,15 +8,16 @@ outer products), so no hand-written permutation spec is needed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from graphmerge.fold import AxisMap, ParamAxis, SpaceMaps, fold_tensors
+from graphmerge.fold import AxisMap, ParamAxis, SpaceMaps, block_diagonal, fold_tensors
 from graphmerge.graphs import ModelGraph
 from graphmerge.matching_functions.common import assignment
 from graphmerge.matching_functions.registry import register
+from graphmerge.matching_functions.structured import two_level_assignment
 
 PAPER = (
     "Ainsworth et al. 2023, Git Re-Basin: Merging Models modulo Permutation Symmetries, ICLR "
@@ -149,11 +150,31 @@ class _Problem:
                 f"weight matching cannot permute {unknown}: not mergeable spaces of this graph"
             )
         self.widths = {name: mergeable[name].width for name in names}
+        # A grouped convolution's weight is matched as the block-diagonal weight it acts as.
+        self.grouped = {
+            run.param: run for name in names for run in mergeable[name].param_axes if run.groups > 1
+        }
         self.runs: dict[str, list[ParamAxis]] = {
-            name: list(mergeable[name].param_axes) for name in names
+            name: [replace(run, groups=1) for run in mergeable[name].param_axes] for name in names
         }
         params = {run.param for runs in self.runs.values() for run in runs}
-        self.param_axes = {param: graph.param_axes[param] for param in params}
+        self.param_axes = {
+            param: [(space, replace(run, groups=1)) for space, run in graph.param_axes[param]]
+            for param in params
+        }
+        # Structured spaces are solved together with the others of their block index.
+        self.blocks: dict[str, list[str]] = {}
+        for name in names:
+            if mergeable[name].blocks:
+                self.blocks.setdefault(mergeable[name].blocks, []).append(name)
+        self.block_counts = {index: graph.space(index).width for index in self.blocks}
+        self.coordinates: list[str | tuple[str, ...]] = []  # topological order
+        for name in names:
+            index = mergeable[name].blocks
+            if not index:
+                self.coordinates.append(name)
+            elif self.blocks[index][0] == name:
+                self.coordinates.append(tuple(self.blocks[index]))
         # The permuted spaces each parameter touches (the others are fixed).
         self.spaces_of = {
             param: {name for name, _ in axes if name in self.widths}
@@ -167,7 +188,10 @@ class _Problem:
         missing = sorted(set(self.param_axes) - set(state))
         if missing:
             raise ValueError(f"the state dict lacks parameters of the graph: {missing[:3]}")
-        return {param: state[param].detach().cpu().double() for param in self.param_axes}
+        tensors = {param: state[param].detach().cpu().double() for param in self.param_axes}
+        for param, run in self.grouped.items():
+            tensors[param] = block_diagonal(tensors[param], run)
+        return tensors
 
     def permuted(
         self, tensors: Mapping[str, Tensor], permutations: Permutations, skip: str | None = None
@@ -203,14 +227,41 @@ class _Problem:
         whose other axes are fixed or already solved (a permuted copy: exactly)."""
         permutations = self.identity()
         solved: set[str] = set()
-        for space in self.widths:
-            runs = [b for b in self.runs[space] if self.spaces_of[b.param] <= solved | {space}]
-            if runs:
-                touching = {run.param: other[run.param] for run in runs}
-                moved = self.permuted(touching, permutations, skip=space)
-                permutations[space] = assignment(self.cost(target, moved, space, runs))
-            solved.add(space)
+        for coordinate in self.coordinates:
+            spaces = (coordinate,) if isinstance(coordinate, str) else coordinate
+            ready = solved | set(spaces)
+            runs = {
+                space: [b for b in self.runs[space] if self.spaces_of[b.param] <= ready]
+                for space in spaces
+            }
+            if any(runs.values()):
+                permutations |= self.solve(target, other, permutations, spaces, runs)
+            solved |= set(spaces)
         return permutations
+
+    def solve(
+        self,
+        target: Mapping[str, Tensor],
+        other: Mapping[str, Tensor],
+        permutations: Permutations,
+        spaces: Sequence[str],
+        runs: Mapping[str, Sequence[ParamAxis]],
+    ) -> Permutations:
+        """The best permutations of ``spaces`` (one space, or the spaces of a block index
+        by a two-level assignment) from ``runs``, the other spaces' permutations fixed."""
+        costs = []
+        for space in spaces:
+            touching = {run.param: other[run.param] for run in runs[space]}
+            moved = self.permuted(touching, permutations, skip=space)
+            costs.append(self.cost(target, moved, space, runs[space]))
+        if len(spaces) == 1 and not self.space_blocks(spaces[0]):
+            return {spaces[0]: assignment(costs[0])}
+        _, composed = two_level_assignment(costs, self.block_counts[self.space_blocks(spaces[0])])
+        return dict(zip(spaces, composed, strict=True))
+
+    def space_blocks(self, space: str) -> str:
+        """The block index of ``space`` ("" when it has none)."""
+        return next((index for index, names in self.blocks.items() if space in names), "")
 
     def align(
         self,
@@ -222,19 +273,33 @@ class _Problem:
     ) -> tuple[Permutations, list[float], int]:
         """Coordinate descent of ``other``'s permutations onto ``target``."""
         permutations = dict(start) if start is not None else self.identity()
-        names = list(self.widths)
+        coordinates = self.coordinates
         objective = []
         for sweep in range(1, max_sweeps + 1):
             improved = False
-            for position in torch.randperm(len(names), generator=generator).tolist():
-                space = names[position]
-                touching = {run.param: other[run.param] for run in self.runs[space]}
-                cost = self.cost(target, self.permuted(touching, permutations, skip=space), space)
-                found = assignment(cost)
-                units = torch.arange(cost.shape[0])
-                new, old = cost[units, found].sum(), cost[units, permutations[space]].sum()
-                if new > old + 1e-12 * max(1.0, abs(float(old))):
-                    permutations[space] = found
+            for position in torch.randperm(len(coordinates), generator=generator).tolist():
+                coordinate = coordinates[position]
+                if isinstance(coordinate, str):
+                    space = coordinate
+                    touching = {run.param: other[run.param] for run in self.runs[space]}
+                    moved = self.permuted(touching, permutations, skip=space)
+                    cost = self.cost(target, moved, space)
+                    found = assignment(cost)
+                    units = torch.arange(cost.shape[0])
+                    new, old = cost[units, found].sum(), cost[units, permutations[space]].sum()
+                    if new > old + 1e-12 * max(1.0, abs(float(old))):
+                        permutations[space] = found
+                        improved = True
+                    continue
+                runs = {space: self.runs[space] for space in coordinate}
+                found = permutations | self.solve(target, other, permutations, coordinate, runs)
+                touched = {run.param: other[run.param] for group in runs.values() for run in group}
+                old, new = (
+                    sum(float((target[p] * t).sum()) for p, t in self.permuted(touched, ps).items())
+                    for ps in (permutations, found)
+                )
+                if new > old + 1e-12 * max(1.0, abs(old)):
+                    permutations = found
                     improved = True
             permuted = self.permuted(other, permutations)
             objective.append(sum(float((target[p] * permuted[p]).sum()) for p in permuted))

@@ -1,5 +1,7 @@
 """Tracing: spaces found by union-find are exact (self-check) and frozen where unsafe."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,10 +10,11 @@ from torch import nn
 
 import graphmerge as gm
 from graphmerge.graphs import GraphTraceError, randomize_statistics, trace
+from graphmerge.graphs.model_graph import ModelGraph
 from graphmerge.graphs.shapes import reshaped_axis
 from graphmerge.models import reference_graph
 
-# Coverage 1.0: every hidden space mergeable. regnet's grouped convs freeze most channels.
+# Coverage 1.0: every hidden space mergeable (grouped convolutions as structured spaces).
 TORCHVISION_MODELS = [
     ("resnet18", 1.0),
     ("resnet50", 1.0),
@@ -21,7 +24,8 @@ TORCHVISION_MODELS = [
     ("efficientnet_b0", 1.0),
     ("googlenet", 1.0),
     ("squeezenet1_0", 1.0),
-    ("regnet_x_400mf", None),
+    ("regnet_x_400mf", 1.0),
+    ("resnext50_32x4d", 1.0),
 ]
 
 
@@ -159,11 +163,21 @@ class Grouped(nn.Module):
         return self.conv3(F.relu(self.bn(self.conv2(F.relu(self.conv1(x)))))).flatten(1)
 
 
-def test_grouped_convolution_freezes_both_sides_depthwise_does_not():
+def test_grouped_convolution_structures_both_sides_with_one_group_index():
     graph, change = traced(Grouped(groups=2), 2, 3, 4, 4)
-    assert change < 1e-6
-    assert graph.space("conv1").frozen and graph.space("conv2").frozen
-    assert "grouped convolution (2 groups of 4)" in graph.space("conv2").reason
+    assert change < 1e-6 and graph.coverage == 1.0
+    groups = graph.space("conv2.groups")
+    assert groups.role == "blocks" and groups.width == 2
+    assert graph.space("conv1").blocks == graph.space("conv2").blocks == "conv2.groups"
+    (read,) = [a for a in graph.space("conv1").param_axes if a.param == "conv2.weight"]
+    assert (read.axis, read.role, read.groups, read.block_width, read.size) == (1, "in", 2, 4, 4)
+    unstructured = dataclasses.replace
+    wrong = ModelGraph(
+        graph.model, graph.graph,
+        [unstructured(s, blocks="") for s in graph.spaces if s.role != "blocks"],
+        graph.concatenations, source="traced", module=graph.module,
+    )  # fmt: skip
+    assert wrong.check_symmetries(torch.randn(2, 3, 4, 4), relative=True) > 1e-2  # across groups
     graph, change = traced(Grouped(groups=8), 2, 3, 4, 4)
     assert change < 1e-6 and graph.coverage == 1.0
     space = graph.space("conv1")  # depthwise conv and its BN stay in conv1's space
@@ -183,14 +197,35 @@ class GroupNormNet(nn.Module):
         return self.conv2(F.gelu(self.norm(self.conv1(x))))
 
 
-@pytest.mark.parametrize(("groups", "frozen"), [(1, False), (2, True), (8, False)])
-def test_group_norm_freezes_channels_only_when_groups_would_mix(groups, frozen):
+@pytest.mark.parametrize(("groups", "structured"), [(1, False), (2, True), (8, False)])
+def test_group_norm_structures_channels_only_when_groups_would_mix(groups, structured):
     graph, change = traced(GroupNormNet(groups), 2, 3, 4, 4)
     assert change < 1e-5
     space = graph.space("conv1")
-    assert space.frozen == frozen
-    assert ("GroupNorm" in space.reason) == frozen
+    assert space.mergeable and graph.coverage == 1.0
+    assert space.blocks == ("norm.groups" if structured else "")
     assert "norm.weight" in space.params
+
+
+class NestedGroups(nn.Module):
+    """Blocks of 4 (conv2's groups) and of 2 (GroupNorm(4)) in one space."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.norm = nn.GroupNorm(4, 8)
+        self.conv3 = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.conv3(F.relu(self.norm(self.conv2(F.relu(self.conv1(x)))))).flatten(1)
+
+
+def test_blocks_of_two_sizes_in_one_space_freeze_it_and_what_shares_its_blocks():
+    graph, change = traced(NestedGroups(), 2, 3, 4, 4)
+    assert change < 1e-6
+    assert "blocks of [2, 4] sizes" in graph.space("conv2").reason
+    assert "its blocks are frozen" in graph.space("conv1").reason  # shares conv2's groups
 
 
 class Tokens(nn.Module):

@@ -7,10 +7,14 @@ dropout, flatten and pooling layers.
 
 from graphmerge.graphs.layers.registry import (
     DEFAULT_RULE,
+    FunctionCall,
+    FunctionRule,
     LayerCall,
     LayerRule,
     NormRule,
     apply_layer,
+    function_rule,
+    register_function,
     register_layer,
     registered,
     rule_for,
@@ -30,10 +34,14 @@ from graphmerge.graphs.layers import (  # noqa: F401
 
 __all__ = [
     "DEFAULT_RULE",
+    "FunctionCall",
+    "FunctionRule",
     "LayerCall",
     "LayerRule",
     "NormRule",
     "apply_layer",
+    "function_rule",
+    "register_function",
     "register_layer",
     "registered",
     "rule_for",

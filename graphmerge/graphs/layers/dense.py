@@ -35,7 +35,9 @@ class LinearRule(LayerRule):
 @register_layer(*CONVOLUTIONS)
 class ConvolutionRule(LayerRule):
     """Ungrouped: reads channels (axis 1) with ``weight`` axis 1 and writes a new space.
-    Depthwise: channel c reads channel c (per-channel). Other grouped ones are frozen."""
+    Depthwise: channel c reads channel c (per-channel). Grouped (G groups): the input and
+    the output are structured by one block index of G groups (``<path>.groups``), whose
+    permutation they share; channels move freely within their group on either side."""
 
     category: Category = "producer"
 
@@ -47,12 +49,11 @@ class ConvolutionRule(LayerRule):
             return call.write(layer.out_channels, 1, ("weight", 0))
         if groups == channels_in == layer.out_channels:
             return call.per_channel(channels_in, axis=1)
-        reason = (
-            f"{call.path} is a grouped convolution ({groups} groups of {channels_in // groups})"
-        )
-        call.freeze(call.value, reason)
+        read = call.read("weight", 1, channels_in, expected_axis=1, groups=groups)
         out = call.write(layer.out_channels, 1, ("weight", 0))
-        call.freeze(out, reason)
+        index = call.finder.block_index(f"{call.path}.groups", groups)
+        for value in (read, out):
+            call.finder.structure(value, index)
         return out
 
     def correction_of(self, layer: nn.Module) -> Correction:
@@ -60,11 +61,9 @@ class ConvolutionRule(LayerRule):
 
     def resize(self, layer: nn.Module, path: str) -> None:
         weight = layer.weight
-        if layer.groups > 1:  # only depthwise convolutions reach here with new widths
-            layer.groups = weight.shape[0]
-            layer.in_channels = layer.out_channels = weight.shape[0]
-        else:
-            layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1]
+        if layer.groups > 1:  # merges keep a group's width: a new width is a new group count
+            layer.groups = weight.shape[0] // (layer.out_channels // layer.groups)
+        layer.out_channels, layer.in_channels = weight.shape[0], weight.shape[1] * layer.groups
 
 
 @register_layer(nn.Embedding)

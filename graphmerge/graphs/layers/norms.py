@@ -67,19 +67,18 @@ class LayerNormRule(NormRule):
 
 @register_layer(nn.GroupNorm)
 class GroupNormRule(NormRule):
-    """Per channel; with 1 < groups < channels, moving a channel to another group changes
-    the group statistics: the space is frozen."""
+    """Per channel; with 1 < groups < channels the space is structured by a block index of
+    the groups (``<path>.groups``): a channel moved to another group would change the group
+    statistics, whole groups may move."""
 
     def channels(self, call: LayerCall) -> Value:
         groups, channels = call.layer.num_groups, call.layer.num_channels
         value = call.per_channel(channels, axis=1)
-        if groups not in (1, channels):
-            call.freeze(
-                value,
-                f"{call.path} is a GroupNorm with {groups} groups: moving a channel to another "
-                "group changes the group statistics",
-            )
+        if groups not in (1, channels) and isinstance(value, Channels):
+            call.finder.structure(value, call.finder.block_index(f"{call.path}.groups", groups))
         return value
 
     def resize(self, layer: nn.GroupNorm, path: str) -> None:
+        if layer.num_groups > 1:  # merges keep the width of a group
+            layer.num_groups = layer.weight.shape[0] // (layer.num_channels // layer.num_groups)
         layer.num_channels = layer.weight.shape[0]

@@ -86,12 +86,14 @@ class LayerCall:
         width: int,
         value: Value | None = None,
         expected_axis: int | None = None,
+        groups: int = 1,
     ) -> Channels:
         """Axis ``axis`` of tensor ``name`` reads ``value`` (default: the first input).
 
         ``width`` is the number of channels the tensor expects along ``axis``; a mismatch,
         an untracked input or channels on another axis than ``expected_axis`` freeze the
-        input and give the axis a frozen space of its own.
+        input and give the axis a frozen space of its own. ``groups`` > 1: the axis holds
+        one block of ``width // groups`` channels per group of rows (grouped convolution).
         """
         value = self.value if value is None else value
         finder, param = self.finder, self.param(name)
@@ -100,8 +102,8 @@ class LayerCall:
         problem = "" if finder.is_input(value) else read_problem(value, width, expected_axis)
         if problem:
             finder.freeze_value(value, f"{self.path} {problem}")
-            return finder.touch_unknown(param, axis, width, f"{self.path} {problem}")
-        finder.touch(param, axis, "in", value)
+            return finder.touch_unknown(param, axis, width, f"{self.path} {problem}", groups)
+        finder.touch(param, axis, "in", value, groups)
         return value
 
     def write(self, width: int, axis: int | None, *param_axes: tuple[str, int]) -> Channels:
@@ -271,6 +273,63 @@ def register_layer(*layer_types: type[nn.Module]) -> Callable[[Rule], Rule]:
         return rule
 
     return decorator
+
+
+@dataclass
+class FunctionCall:
+    """One call of a function with a registered rule (see ``register_function``).
+
+    ``args`` and ``kwargs`` are the call's, with every tensor replaced by its channel
+    structure (a ``Value``, or ``FromParameters`` for a tensor of parameters); ``name`` is
+    the graph node's.
+    """
+
+    finder: SpaceFinder
+    name: str
+    args: tuple
+    kwargs: dict
+
+    def argument(self, position: int, keyword: str, default: object = None) -> object:
+        """The argument at ``position`` or named ``keyword``."""
+        if position < len(self.args):
+            return self.args[position]
+        return self.kwargs.get(keyword, default)
+
+
+class FunctionRule:
+    """What graphmerge knows about a function that torch.fx keeps as one call (``fx.wrap``).
+
+    Attributes:
+        category: how good its output is as a merge point (as for ``LayerRule``).
+    """
+
+    category: Category = ""
+
+    def channels(self, call: FunctionCall) -> Value:
+        """Register what the call's tensors read and write; return its output's channels."""
+        raise NotImplementedError
+
+
+_FUNCTION_RULES: dict[Callable, FunctionRule] = {}
+FunctionRuleType = TypeVar("FunctionRuleType", bound=type[FunctionRule])
+
+
+def register_function(*functions: Callable) -> Callable[[FunctionRuleType], FunctionRuleType]:
+    """Class decorator: use the decorated FunctionRule for calls of ``functions`` (functions
+    torch.fx does not trace into: wrapped with ``torch.fx.wrap``)."""
+
+    def decorator(rule: FunctionRuleType) -> FunctionRuleType:
+        instance = rule()
+        for function in functions:
+            _FUNCTION_RULES[function] = instance
+        return rule
+
+    return decorator
+
+
+def function_rule(target: object) -> FunctionRule | None:
+    """The rule registered for the function ``target`` (None if it has none)."""
+    return _FUNCTION_RULES.get(target) if callable(target) else None
 
 
 def rule_for(layer: nn.Module) -> LayerRule | None:
