@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/zoo.py [--source torchvision timm] [--only NAME ...] [--json zoo.json]
+    python benchmarks/zoo.py --acceptance   # the models of issue 20, nn.TransformerEncoder too
 
 Each model is built with random weights (no download), every parameter and buffer
 randomized (``gm.graphs.randomize_statistics``), traced on a small input and checked:
@@ -83,6 +84,39 @@ TIMM = [
 ]
 
 
+# The models issue 20 names (structured spaces): `--acceptance` runs exactly these.
+ACCEPTANCE = [
+    ("torchvision", "vit_b_16", {"image_size": 64}, SMALL),
+    ("torchvision", "swin_t", {}, SMALL),
+    ("torchvision", "resnext50_32x4d", {}, SMALL),
+    ("torchvision", "regnet_x_400mf", {}, SMALL),
+    ("torchvision", "shufflenet_v2_x1_0", {}, SMALL),
+    ("torchvision", "maxvit_t", {}, TORCHVISION_INPUTS["maxvit_t"]),
+    ("torch", "transformer_encoder_post_norm", {"norm_first": False}, (16, 32)),
+    ("torch", "transformer_encoder_pre_norm", {"norm_first": True}, (16, 32)),
+    ("timm", "vit_tiny_patch16_224", {"img_size": 64}, SMALL),
+    ("timm", "deit_tiny_patch16_224", {"img_size": 64}, SMALL),
+    ("timm", "swin_tiny_patch4_window7_224", {}, (3, 224, 224)),
+    ("timm", "efficientnet_b0", {}, SMALL),
+    ("timm", "mobilenetv3_small_100", {}, SMALL),
+    ("timm", "densenet121", {}, SMALL),
+    ("timm", "regnetx_002", {}, SMALL),
+    ("timm", "resnext26ts", {}, SMALL),
+    ("timm", "cspresnet50", {}, SMALL),
+    ("timm", "convnext_atto", {}, SMALL),
+    ("timm", "poolformer_s12", {}, SMALL),
+    ("timm", "ghostnet_100", {}, SMALL),
+    ("timm", "mixnet_s", {}, SMALL),
+]
+
+
+def transformer_encoder(norm_first: bool) -> torch.nn.Module:
+    """nn.TransformerEncoder (4 layers, width 128, 8 heads) between a Linear and a head."""
+    layer = torch.nn.TransformerEncoderLayer(128, 8, 256, batch_first=True, norm_first=norm_first)
+    encoder = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+    return torch.nn.Sequential(torch.nn.Linear(32, 128), encoder, torch.nn.Linear(128, 10))
+
+
 def torchvision_models(only: list[str] | None) -> list[tuple[str, dict, tuple[int, ...]]]:
     import torchvision
 
@@ -102,6 +136,8 @@ def torchvision_models(only: list[str] | None) -> list[tuple[str, dict, tuple[in
 
 
 def build(source: str, name: str, kwargs: dict) -> torch.nn.Module:
+    if source == "torch":
+        return transformer_encoder(**kwargs)
     if source == "torchvision":
         import torchvision
 
@@ -185,12 +221,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    parser.add_argument(
+        "--acceptance", action="store_true", help="only the models of issue 20 (structured spaces)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = []
-    if "torchvision" in args.source:
+    if args.acceptance:
+        models = list(ACCEPTANCE)
+        args.source = list(dict.fromkeys(source for source, *_ in ACCEPTANCE))
+    elif "torchvision" in args.source:
         models += [("torchvision", *spec) for spec in torchvision_models(args.only)]
-    if "timm" in args.source:
+    if "timm" in args.source and not args.acceptance:
         models += [("timm", *spec) for spec in TIMM if not args.only or spec[0] in args.only]
     rows = []
     for source, name, kwargs, shape in models:

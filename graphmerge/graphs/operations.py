@@ -100,7 +100,7 @@ SHAPE_NAMES = frozenset(
     {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 )
 BROADCAST_NAMES = frozenset({"expand", "expand_as", "broadcast_to"})
-PERMUTE_NAMES = frozenset({"permute", "transpose", "t"})
+PERMUTE_NAMES = frozenset({"permute", "transpose", "t", "swapaxes", "swapdims"})
 SPATIAL_FUNCTIONS: dict[Callable, int] = {
     F.max_pool1d: 1,
     F.max_pool2d: 2,

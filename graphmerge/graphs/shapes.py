@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import prod
+
 
 def reshaped_axis(
     in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int
@@ -10,10 +12,27 @@ def reshaped_axis(
 
     Merging dims that follow the channels into it (flattening C x H x W) repeats
     every channel; anything that splits the channels or moves other dims inside
-    them is reported as a problem.
+    them is reported as a problem (merging dims in front of them too: see
+    ``reshaped_channels``).
+    """
+    new_axis, tiles, repeat, problem = reshaped_channels(in_shape, out_shape, axis)
+    if not problem and tiles > 1:
+        return 0, 1, "flattens other dims in front of the channels (channel-last flatten)"
+    return new_axis, repeat, problem
+
+
+def reshaped_channels(
+    in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int
+) -> tuple[int, int, int, str]:
+    """Where channel ``axis`` goes in a reshape: (new axis, tiles, repeat, problem or "").
+
+    Dims merged into the channel axis from behind repeat every channel (``repeat``: a
+    C x H x W map flattened); dims merged from in front lay the channels out ``tiles``
+    times in a row (Swin's 2 x 2 patch merging: (2, 2, C) flattened to 4C). Splitting the
+    channels is a problem.
     """
     if in_shape[axis] == 1:
-        return 0, 1, "reshapes a single-channel tensor"
+        return 0, 1, 1, "reshapes a single-channel tensor"
     big_in = [i for i, size in enumerate(in_shape) if size != 1]
     big_out = [j for j, size in enumerate(out_shape) if size != 1]
     i = j = 0
@@ -31,14 +50,14 @@ def reshaped_axis(
                 size_out *= out_shape[big_out[j]]
         if axis in group_in:
             if len(group_out) > 1:
-                return 0, 1, "splits the channel axis (as a channel shuffle does)"
-            if group_in[0] != axis:
-                return 0, 1, "flattens other dims in front of the channels (channel-last flatten)"
-            inner = size_in // in_shape[axis]
-            return group_out[0], inner, ""
+                return 0, 1, 1, "splits the channel axis (as a channel shuffle does)"
+            position = group_in.index(axis)
+            tiles = prod(in_shape[k] for k in group_in[:position])
+            repeat = prod(in_shape[k] for k in group_in[position + 1 :])
+            return group_out[0], tiles, repeat, ""
         i += 1
         j += 1
-    return 0, 1, "reshape not understood"
+    return 0, 1, 1, "reshape not understood"
 
 
 def broadcast_axis(in_ndim: int, out_ndim: int, axis: int) -> int:

@@ -235,6 +235,10 @@ class SpaceFinder:
             return
         self._structures[segment.element].append(index)
 
+    def block_of(self, value: Channels) -> int:
+        """The block index that last structured ``value``'s (first) channels."""
+        return self._structures[value.segments[0].element][-1]
+
     def input_channels(self, width: int) -> Channels:
         return Channels(None, (Segment(self.input_element, width),))
 

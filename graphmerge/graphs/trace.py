@@ -383,6 +383,8 @@ class _Walker:
             )
         if name == "pad":
             return self._pad(node, first)
+        if name == "roll":
+            return self._roll(node, first)
         if name in SHAPE_NAMES:
             return self._reshape(node, first)
         if name in BROADCAST_NAMES:
@@ -619,6 +621,18 @@ class _Walker:
         from_end = self._ndim(node.args[0]) - 1 - value.axis
         if any(pad[2 * from_end : 2 * from_end + 2]):
             return self._unknown(node, f"{node.name} pads the channel axis")
+        return value
+
+    def _roll(self, node: fx.Node, value: Value) -> Value:
+        """torch.roll: channels pass unless the channel axis is rolled (or the tensor is
+        rolled flat)."""
+        if not isinstance(value, Channels) or value.axis is None:
+            return value
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+        ndim = self._ndim(node.args[0])
+        dims = [dims] if isinstance(dims, int) else list(dims or ())
+        if not dims or value.axis in [d % ndim for d in dims]:
+            return self._unknown(node, f"{node.name} rolls the channel axis")
         return value
 
     def _permutation(self, node: fx.Node, name: str) -> list[int]:

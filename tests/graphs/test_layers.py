@@ -184,3 +184,20 @@ def test_register_layer_refuses_what_is_not_a_rule_or_a_layer(rules):
         register_layer("Gated")
     with pytest.raises(TypeError, match="LayerRule subclasses"):
         register_layer(Gated)(object)
+
+
+def test_a_layer_of_a_library_is_registered_by_its_name_without_importing_it(rules):
+    @register_layer(f"{Gated.__module__}.{Gated.__qualname__}")
+    class NamedRule(LayerRule):
+        category = "producer"
+
+        def channels(self, call):
+            call.read("weight", 1, call.layer.in_features)
+            call.read("gate", 1, call.layer.in_features)
+            return call.write(call.layer.out_features, 1, ("weight", 0), ("gate", 0))
+
+    model = randomize_statistics(gated_net())
+    x = torch.randn(4, 12)
+    assert isinstance(rule_for(model[0]), NamedRule)
+    graph = trace(model, x)
+    assert graph.coverage == 1.0 and graph.check_symmetries(x, relative=True) < 1e-5

@@ -30,6 +30,7 @@ from graphmerge.graphs.layers import (  # noqa: F401
     elementwise,
     norms,
     transformer,
+    windows,
 )
 
 __all__ = [

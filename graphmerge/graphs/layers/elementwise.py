@@ -16,7 +16,7 @@ from graphmerge.graphs.layers.registry import (
     register_layer,
 )
 from graphmerge.graphs.parameters import FromParameters
-from graphmerge.graphs.shapes import reshaped_axis
+from graphmerge.graphs.shapes import reshaped_channels
 from graphmerge.graphs.spaces import Channels, SpaceFinder, Unknown, Value
 
 # Layers that pass their input through unchanged in eval mode.
@@ -118,10 +118,10 @@ def reshaped(
         return value
     if in_shape is None or out_shape is None or in_shape[value.axis] != value.size:
         return unknown(f"{where} reshapes channels it cannot follow")
-    axis, repeat, problem = reshaped_axis(in_shape, out_shape, value.axis)
+    axis, tiles, repeat, problem = reshaped_channels(in_shape, out_shape, value.axis)
     if problem:
         return unknown(f"{where} {problem}")
-    return value.moved(axis).repeated(repeat)
+    return Channels(axis, value.segments * tiles).repeated(repeat)
 
 
 class SpatialRule(LayerRule):

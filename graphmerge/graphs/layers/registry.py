@@ -244,14 +244,16 @@ class NormRule(LayerRule):
 
 
 DEFAULT_RULE = LayerRule()  # layers without a rule: inputs frozen, never resized
-_RULES: dict[type[nn.Module], LayerRule] = {}
+_RULES: dict[type[nn.Module] | str, LayerRule] = {}  # by type, or by "module.QualName"
 Rule = TypeVar("Rule", bound=type[LayerRule])
 
 
-def register_layer(*layer_types: type[nn.Module]) -> Callable[[Rule], Rule]:
+def register_layer(*layer_types: type[nn.Module] | str) -> Callable[[Rule], Rule]:
     """Class decorator: the decorated LayerRule serves ``layer_types`` (and their subclasses).
 
-    A later registration for the same type replaces the earlier one.
+    A type may also be named as "module.QualName" (a layer of a library that need not be
+    imported: ``"timm.layers.attention.Attention"``). A later registration for the same
+    type replaces the earlier one.
 
     Example:
         >>> @gm.graphs.register_layer(MyNorm)
@@ -260,9 +262,13 @@ def register_layer(*layer_types: type[nn.Module]) -> Callable[[Rule], Rule]:
         ...         return call.per_channel(call.layer.num_features, axis=1)
     """
     if not layer_types or not all(
-        isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
+        (isinstance(t, str) and "." in t) or (isinstance(t, type) and issubclass(t, nn.Module))
+        for t in layer_types
     ):
-        raise TypeError(f"register_layer needs nn.Module classes, got {layer_types!r}")
+        raise TypeError(
+            f"register_layer needs nn.Module classes (or their 'module.QualName' names), got "
+            f"{layer_types!r}"
+        )
 
     def decorator(rule: Rule) -> Rule:
         if not (isinstance(rule, type) and issubclass(rule, LayerRule)):
@@ -310,13 +316,16 @@ class FunctionRule:
         raise NotImplementedError
 
 
-_FUNCTION_RULES: dict[Callable, FunctionRule] = {}
+_FUNCTION_RULES: dict[Callable | str, FunctionRule] = {}  # or by "module.qualname"
 FunctionRuleType = TypeVar("FunctionRuleType", bound=type[FunctionRule])
 
 
-def register_function(*functions: Callable) -> Callable[[FunctionRuleType], FunctionRuleType]:
+def register_function(
+    *functions: Callable | str,
+) -> Callable[[FunctionRuleType], FunctionRuleType]:
     """Class decorator: use the decorated FunctionRule for calls of ``functions`` (functions
-    torch.fx does not trace into: wrapped with ``torch.fx.wrap``)."""
+    torch.fx does not trace into: wrapped with ``torch.fx.wrap``), given as functions or as
+    "module.qualname" (a library's function that need not be imported)."""
 
     def decorator(rule: FunctionRuleType) -> FunctionRuleType:
         instance = rule()
@@ -329,29 +338,43 @@ def register_function(*functions: Callable) -> Callable[[FunctionRuleType], Func
 
 def function_rule(target: object) -> FunctionRule | None:
     """The rule registered for the function ``target`` (None if it has none)."""
-    return _FUNCTION_RULES.get(target) if callable(target) else None
+    if not callable(target):
+        return None
+    found = _FUNCTION_RULES.get(target)
+    if found is None:
+        name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+        found = _FUNCTION_RULES.get(name)
+    return found
 
 
 def rule_for(layer: nn.Module) -> LayerRule | None:
     """The rule registered for ``layer``'s type or its nearest registered base class."""
     for layer_type in type(layer).__mro__:
-        rule = _RULES.get(layer_type)
+        rule = _own_rule(layer_type)
         if rule is not None:
             return rule
     return None
 
 
+def _own_rule(layer_type: type) -> LayerRule | None:
+    """The rule registered for exactly ``layer_type``, by the type or by its name."""
+    found = _RULES.get(layer_type)
+    if found is None:
+        found = _RULES.get(f"{layer_type.__module__}.{layer_type.__qualname__}")
+    return found
+
+
 def traced_whole(layer: nn.Module) -> bool:
     """Whether torch.fx keeps ``layer`` as one call for its rule: its own type is registered
     with ``leaf`` (a subclass may change ``forward``, so it is traced through)."""
-    rule = _RULES.get(type(layer))
+    rule = _own_rule(type(layer))
     return rule is not None and rule.leaf
 
 
 def traced_through(layer: nn.Module, kwargs: dict) -> Callable | None:
     """The plain forward torch.fx follows for ``layer`` called with ``kwargs``, if its own
     type's rule gives one (``traced_forward``); else None."""
-    rule = _RULES.get(type(layer))
+    rule = _own_rule(type(layer))
     return None if rule is None or rule.leaf else rule.traced_forward(layer, kwargs)
 
 
