@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import networkx as nx
@@ -28,6 +28,7 @@ from graphmerge.graphs.spaces import (
     Channels,
     Concatenation,
     ParamAxis,
+    Segment,
     Space,
     SpaceFinder,
     Value,
@@ -46,6 +47,7 @@ class _Candidate:
     numel: int
     order: int
     node: str
+    offset: int | None = None  # a part's start along the node's channel axis (None: whole)
 
 
 class GraphRecorder:
@@ -100,20 +102,21 @@ class GraphRecorder:
         self, model: nn.Module, source: str, module: fx.GraphModule | None = None
     ) -> ModelGraph:
         finder = self.finder
-        best: dict[int, _Candidate] = {}
+        best: dict[int, tuple[tuple, _Candidate]] = {}
         for element, candidates in self._candidates.items():
-            root = finder.root(element)
-            for candidate in candidates:
-                current = best.get(root)
-                key = (candidate.rank, candidate.numel, candidate.order)
-                if current is None or key > (current.rank, current.numel, current.order):
-                    best[root] = candidate
-        merge_points = {root: candidate.node for root, candidate in best.items()}
+            for part, candidate in _parts_of(finder, element, candidates):
+                root = finder.root(part)
+                # Whole nodes first: a refined element's node carries its parts side by side.
+                key = (candidate.rank, candidate.offset is None, candidate.numel, candidate.order)
+                if root not in best or key > best[root][0]:
+                    best[root] = (key, candidate)
+        merge_points = {root: (c.node, c.offset) for root, (_, c) in best.items()}
         for element, key in self._declared_merge_points.items():
-            merge_points[finder.root(element)] = key
+            merge_points[finder.root(element)] = (key, None)
         spaces, by_element = finder.spaces(merge_points, self._names)
         for key, value in self._values.items():
             if isinstance(value, Channels):
+                value = finder.expand(value)
                 names = tuple(
                     dict.fromkeys(
                         by_element[s.element].name
@@ -126,12 +129,28 @@ class GraphRecorder:
         concatenations = [
             Concatenation(
                 key,
-                tuple(_blocks(value, by_element)),
+                tuple(_blocks(finder.expand(value), by_element)),
             )
             for key, value in self._concatenations
         ]
         _insert_merge_nodes(self.graph, spaces)
         return ModelGraph(model, self.graph, spaces, concatenations, source=source, module=module)
+
+
+def _parts_of(
+    finder: SpaceFinder, element: int, candidates: list[_Candidate]
+) -> Iterable[tuple[int, _Candidate]]:
+    """The candidates of ``element``, or of each of its parts (at their offsets) where it was
+    refined: a node that carries a refined element carries its parts side by side."""
+    if not finder.is_refined(element):
+        yield from ((element, candidate) for candidate in candidates)
+        return
+    whole = finder.expand(Channels(None, (Segment(element, finder.width(element)),)))
+    offset = 0
+    for segment in whole.segments:
+        for candidate in candidates:
+            yield segment.element, replace(candidate, offset=(candidate.offset or 0) + offset)
+        offset += segment.size
 
 
 def _blocks(value: Channels, by_element: dict[int, Space]) -> Iterable[Block]:

@@ -141,8 +141,13 @@ def name_of(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
+PRODUCER_NAMES = frozenset({"linear"})  # functions that write a new space (F.linear)
+
+
 def category(name: str) -> str:
-    """The merge-point category of an op: "activation", "add" or ""."""
+    """The merge-point category of an op: "activation", "add", "producer" or ""."""
     if name in ACTIVATION_NAMES:
         return "activation"
+    if name in PRODUCER_NAMES:
+        return "producer"
     return "add" if name in ADDITIONS else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Literal
 
 from networkx.utils import UnionFind
@@ -111,6 +112,8 @@ class Space:
         param_axes: every (parameter, axis) block the space touches.
         producers: the layers whose outputs write the space (several for a residual stream).
         merge_point: graph node whose output features are read for statistics.
+        merge_offset: where the space's channels start along that node's channel axis when
+            the node carries several spaces side by side (a refined space), else None.
         frozen: True where the space must not be permuted or merged.
         reason: why it is frozen ("" when it is not).
         blocks: the name of the space's block index when it is structured (attention
@@ -133,6 +136,7 @@ class Space:
     frozen: bool
     reason: str = ""
     blocks: str = ""
+    merge_offset: int | None = None
 
     @property
     def mergeable(self) -> bool:
@@ -188,6 +192,7 @@ class SpaceFinder:
         self._frozen_axes: dict[tuple[str, int], list[str]] = defaultdict(list)
         self._block_counts: dict[int, int] = {}  # block index element -> number of blocks
         self._structures: dict[int, list[int]] = defaultdict(list)  # element -> block indices
+        self._parts: dict[int, list[int]] = {}  # an element refined into parts, in order
         self.input_element = self.new("input", 0)
         self.output_element = self.new("output", 0)
         self.freeze(self.input_element, INPUT_REASON)
@@ -205,6 +210,65 @@ class SpaceFinder:
 
     def new_channels(self, origin: str, width: int, axis: int | None) -> Channels:
         return Channels(axis, (Segment(self.new(origin, width, producer=True), width),))
+
+    # -- refinement ------------------------------------------------------------------------
+    def expand(self, value: Channels) -> Channels:
+        """``value`` with every refined element replaced by its parts (see ``refine``)."""
+        if not self._parts or not any(s.element in self._parts for s in value.segments):
+            return value
+        segments: list[Segment] = []
+        for segment in value.segments:
+            parts = self._parts.get(segment.element)
+            if parts is None:
+                segments.append(segment)
+                continue
+            inner = Channels(None, tuple(Segment(p, self._elements[p].width) for p in parts))
+            segments += [replace(p, repeat=segment.repeat) for p in self.expand(inner).segments]
+        return Channels(value.axis, tuple(segments))
+
+    def refine(self, value: Channels, cuts: list[int]) -> Channels | None:
+        """``value`` with its segments cut at positions ``cuts`` of its axis: an element cut
+        inside becomes parts (each element of its space is cut alike, the parts united), so
+        a slice or a sum at those positions moves whole parts. None where an element that
+        would be cut is structured (blocks) or repeated."""
+        value = self.expand(value)
+        position = 0
+        for segment in value.segments:
+            inside = sorted({c - position for c in cuts if position < c < position + segment.size})
+            if inside and (segment.repeat != 1 or not self._split(segment.element, inside)):
+                return None
+            position += segment.size
+        return self.expand(value)
+
+    def width(self, element: int) -> int:
+        return self._elements[element].width
+
+    def is_refined(self, element: int) -> bool:
+        """Whether ``element`` was cut into parts (its channels now belong to theirs)."""
+        return element in self._parts
+
+    def _split(self, element: int, cuts: list[int]) -> bool:
+        root = self.root(element)
+        if root in (self.root(self.input_element), self.root(self.output_element)):
+            return False
+        members = [e for e in range(len(self._elements)) if self.root(e) == root]
+        if any(e in self._block_counts or e in self._structures for e in members):
+            return False
+        bounds = [0, *cuts, self._elements[element].width]
+        widths = [b - a for a, b in pairwise(bounds)]
+        first: list[int] | None = None
+        for member in members:
+            origin = self._elements[member]
+            parts = [self.new(origin.origin, width) for width in widths]
+            for part in parts:
+                self._elements[part].frozen_reasons = list(origin.frozen_reasons)
+                self._producers[part] = list(self._producers.get(member, ()))
+            self._parts[member] = parts
+            if first is None:
+                first = parts
+            for mine, theirs in zip(parts, first, strict=True):
+                self.union(mine, theirs)
+        return True
 
     def origin(self, element: int) -> str:
         """Where ``element`` was first seen (the name its space gets if nothing names it)."""
@@ -224,6 +288,7 @@ class SpaceFinder:
         of the blocks); of different counts, or a value of several segments, is frozen.
         """
         count = self._block_counts[index]
+        value = self.expand(value)
         if len(value.segments) != 1 or value.segments[0].repeat != 1:
             self.freeze_value(value, f"{self._elements[index].origin}: blocks across spaces")
             return
@@ -254,7 +319,7 @@ class SpaceFinder:
 
     def freeze_value(self, value: Value, reason: str) -> None:
         if isinstance(value, Channels):
-            for segment in value.segments:
+            for segment in self.expand(value).segments:
                 self.freeze(segment.element, reason)
         elif isinstance(value, Several):
             for item in value.values:
@@ -267,7 +332,7 @@ class SpaceFinder:
             self._frozen_axes[(param, axis)].append(reason)
 
     def add_producer(self, value: Channels, origin: str) -> None:
-        for segment in value.segments:
+        for segment in self.expand(value).segments:
             self._producers[segment.element].append(origin)
 
     def union(self, a: int, b: int) -> None:
@@ -291,6 +356,7 @@ class SpaceFinder:
             return unknown[0]
         if not channels:
             return None
+        channels = self._common_layout(channels)
         first = channels[0]
         for other in channels[1:]:
             if _layout(first) != _layout(other):
@@ -302,6 +368,18 @@ class SpaceFinder:
                 self.union(mine.element, theirs.element)
         axes = {value.axis for value in channels} - {None}
         return first.moved(axes.pop() if len(axes) == 1 else first.axis)
+
+    def _common_layout(self, values: list[Channels]) -> list[Channels]:
+        """The values cut at every segment boundary of any of them (same size, no repeats),
+        so that their segments pair up; as they are otherwise."""
+        values = [self.expand(value) for value in values]
+        if len({value.size for value in values}) != 1 or any(
+            s.repeat != 1 for value in values for s in value.segments
+        ):
+            return values
+        cuts = sorted({b for value in values for b in _boundaries(value)})
+        refined = [self.refine(value, cuts) for value in values]
+        return values if any(value is None for value in refined) else refined
 
     def concatenate(self, values: list[Channels], axis: int | None) -> Channels:
         return Channels(axis, tuple(s for value in values for s in value.segments))
@@ -315,9 +393,11 @@ class SpaceFinder:
         ``groups`` > 1: the input axis of a grouped convolution (see ``ParamAxis``).
         """
         param = self._aliases.get(param, param)
+        value = self.expand(value)
         key = (param, axis)
         previous = self._layout.get(key)
         if previous is not None:
+            previous = self.expand(Channels(None, previous)).segments
             if _segments_layout(previous) != _segments_layout(value.segments):
                 reason = f"{param} is used twice with different channel blocks"
                 for segment in (*previous, *value.segments):
@@ -352,11 +432,14 @@ class SpaceFinder:
         return self._sets[element]
 
     def spaces(
-        self, merge_points: dict[int, str], names: dict[int, str] | None = None
+        self,
+        merge_points: dict[int, tuple[str, int | None]],
+        names: dict[int, str] | None = None,
     ) -> tuple[list[Space], dict[int, Space]]:
         """The spaces in topological order, and each element's space.
 
-        ``merge_points`` maps elements to the graph node whose output is read;
+        ``merge_points`` maps elements to the graph node whose output is read and the
+        offset of the element's channels along it;
         ``names`` optionally names spaces (by any of their elements).
         """
         groups: dict[int, list[int]] = defaultdict(list)
@@ -367,7 +450,7 @@ class SpaceFinder:
         for element in range(len(self._elements)):
             groups[self.root(element)].append(element)
         axes: dict[int, list[ParamAxis]] = defaultdict(list)
-        for element, axis in self._param_axes:
+        for element, axis in self._expanded_axes():
             axes[self.root(element)].append(axis)
         indices = {self.root(index) for index in index_of.values()}
         used = [
@@ -397,6 +480,23 @@ class SpaceFinder:
             for element in members:
                 by_element[element] = space
         return _with_block_names(spaces, by_element, index_of, self.root), by_element
+
+    def _expanded_axes(self) -> list[tuple[int, ParamAxis]]:
+        """The recorded parameter runs, a run of a refined element split into its parts'."""
+        found: list[tuple[int, ParamAxis]] = []
+        pending = list(self._param_axes)
+        while pending:
+            element, axis = pending.pop(0)
+            parts = self._parts.get(element)
+            if parts is None:
+                found.append((element, axis))
+                continue
+            offset = axis.offset
+            for part in parts:
+                width = self._elements[part].width
+                pending.append((part, replace(axis, offset=offset, width=width)))
+                offset += width * axis.repeat
+        return found
 
     def _unite_blocks(self, groups: dict[int, list[int]]) -> dict[int, int]:
         """Each structured space's (root's) block index, after uniting the indices a space
@@ -452,7 +552,7 @@ class SpaceFinder:
         index: int,
         members: list[int],
         param_axes: list[ParamAxis],
-        merge_points: dict[int, str],
+        merge_points: dict[int, tuple[str, int | None]],
         names: dict[int, str] | None,
         taken: set[str],
     ) -> Space:
@@ -484,7 +584,9 @@ class SpaceFinder:
         width = max((axis.width for axis in param_axes), default=0)
         if role == "blocks":
             width = max(self._block_counts[e] for e in members if e in self._block_counts)
-        merge_point = next((merge_points[e] for e in members if e in merge_points), None)
+        merge_point, merge_offset = next(
+            (merge_points[e] for e in members if e in merge_points), (None, None)
+        )
         return Space(
             name=name,
             index=index,
@@ -493,6 +595,7 @@ class SpaceFinder:
             param_axes=tuple(param_axes),
             producers=producers,
             merge_point=merge_point,
+            merge_offset=merge_offset,
             frozen=bool(reasons),
             reason="; ".join(reasons),
         )
@@ -532,6 +635,15 @@ def _space_name(
         if names and element in names:
             return names[element]
     return producers[0] if producers else elements[members[0]].origin
+
+
+def _boundaries(value: Channels) -> list[int]:
+    """The positions where the segments of ``value`` end (the last one excluded)."""
+    ends, position = [], 0
+    for segment in value.segments[:-1]:
+        position += segment.size
+        ends.append(position)
+    return ends
 
 
 def _segments_layout(segments: tuple[Segment, ...]) -> tuple[tuple[int, int], ...]:

@@ -26,6 +26,7 @@ from graphmerge.graphs.layers import (
     FunctionCall,
     LayerCall,
     function_rule,
+    read_problem,
     rule_for,
     traced_through,
     traced_whole,
@@ -276,7 +277,7 @@ class _Walker:
     def _output(self, node: fx.Node) -> tuple[Value, NodeKind, str]:
         for value in self._leaves(node.args):
             if isinstance(value, Channels):
-                for segment in value.segments:
+                for segment in self.finder.expand(value).segments:
                     self.finder.union(segment.element, self.finder.output_element)
         return None, NodeKind.OUTPUT, ""
 
@@ -353,6 +354,8 @@ class _Walker:
         if operands and all(isinstance(v, FromParameters) for v in operands):
             return self._parameter_function(node, name, operands)
         first = self._value(node.args[0]) if node.args else None
+        if name == "linear":
+            return self._linear(node, first)
         if name in BINARY_NAMES:
             return self._binary(node)
         if name == "layer_norm":
@@ -561,7 +564,7 @@ class _Walker:
         if problem:
             return self._unknown(node, f"{node.name} {problem}")
         if channel_slice is not None:
-            kept = value.sliced(*channel_slice)
+            kept = self._sliced(value, [channel_slice])[0]
             if kept is None:
                 return self._unknown(node, f"{node.name} slices channels inside a space")
             value = kept
@@ -583,15 +586,26 @@ class _Walker:
             return Several(tuple(value.moved(axis) for _ in pieces))
         if name == "unbind":
             return self._unknown(node, f"{node.name} unbinds the channel axis")
-        parts, start = [], 0
+        bounds, start = [], 0
         for shape in pieces:
-            part = value.sliced(start, start + shape[dim])
-            if part is None:
-                reason = f"{node.name} returns several tensors that cut a space apart"
-                return self._unknown(node, reason)
-            parts.append(part)
+            bounds.append((start, start + shape[dim]))
             start += shape[dim]
+        parts = self._sliced(value, bounds)
+        if any(part is None for part in parts):
+            reason = f"{node.name} returns several tensors that cut a space apart"
+            return self._unknown(node, reason)
         return Several(tuple(parts))
+
+    def _sliced(self, value: Channels, bounds: list[tuple[int, int]]) -> list[Channels | None]:
+        """The channels at each [start, stop) of ``bounds``; a space cut inside is refined
+        into parts at the cuts first (see ``SpaceFinder.refine``)."""
+        parts = [value.sliced(start, stop) for start, stop in bounds]
+        if all(part is not None for part in parts):
+            return parts
+        refined = self.finder.refine(value, sorted({b for pair in bounds for b in pair}))
+        if refined is None:
+            return parts
+        return [refined.sliced(start, stop) for start, stop in bounds]
 
     def _functional_norm(self, node: fx.Node, name: str, value: TracedValue) -> TracedValue:
         """F.batch_norm / instance_norm / group_norm: statistics and affine on axis 1."""
@@ -622,6 +636,30 @@ class _Walker:
         if any(pad[2 * from_end : 2 * from_end + 2]):
             return self._unknown(node, f"{node.name} pads the channel axis")
         return value
+
+    def _linear(self, node: fx.Node, value: Value) -> Value:
+        """F.linear(x, weight, bias) with stored parameters: as an nn.Linear (weight axis 1
+        reads x's last axis, axis 0 and the bias write a new space)."""
+        weight = self._value(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+        bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = self._value(bias_arg)
+        params = [p for p in (weight, bias) if p is not None]
+        if not all(isinstance(p, FromParameters) and p.parameter for p in params) or (
+            bias_arg is not None and bias is None
+        ):
+            return self._unknown(node, f"{node.name} is a linear map of computed weights")
+        last = self._ndim(node.args[0]) - 1
+        width = weight.shape[1]
+        if self.finder.is_input(value):
+            value = self.finder.input_channels(width)
+        elif read_problem(value, width, last):
+            return self._unknown(node, f"{node.name} {read_problem(value, width, last)}")
+        self.finder.touch(weight.parameter, 1, "in", value)
+        origin = weight.parameter.rsplit(".", 1)[0] if "." in weight.parameter else node.name
+        out = self.finder.new_channels(origin, weight.shape[0], last)
+        for param in params:
+            self.finder.touch(param.parameter, 0, "out", out)
+        return out
 
     def _roll(self, node: fx.Node, value: Value) -> Value:
         """torch.roll: channels pass unless the channel axis is rolled (or the tensor is

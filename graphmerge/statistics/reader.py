@@ -23,12 +23,15 @@ from graphmerge.runtime import run_model
 @dataclass(frozen=True)
 class ReadPoint:
     """Where features are read: graph ``node`` with ``width`` channels, stored as ``name``;
-    ``covariance`` also accumulates the covariance between channels (width x width)."""
+    ``covariance`` also accumulates the covariance between channels (width x width);
+    ``offset``: read only channels [offset, offset + width) of the node's channel axis (a
+    node carrying several spaces side by side); None reads the whole axis."""
 
     name: str
     node: str
     width: int
     covariance: bool = False
+    offset: int | None = None
 
 
 def merge_points(spaces: Sequence[Space]) -> list[ReadPoint]:
@@ -41,7 +44,10 @@ def merge_points(spaces: Sequence[Space]) -> list[ReadPoint]:
                 "features alone), so its statistics cannot be read: merge it with "
                 "method='weight_matching', or mark a node with GraphBuilder.add_merge"
             )
-    return [ReadPoint(space.name, space.merge_point, space.width) for space in spaces]
+    return [
+        ReadPoint(space.name, space.merge_point, space.width, offset=space.merge_offset)
+        for space in spaces
+    ]
 
 
 def _reader_root(model: nn.Module, traced: fx.GraphModule, fx_graph: fx.Graph) -> dict:
@@ -117,6 +123,11 @@ class FeatureReader:
             # Copy right away (a later in-place ReLU would overwrite it), channel-major.
             value = mapping[by_name[point.node]]
             axis = graph.node(point.node).channel_axis
+            if point.offset is not None:
+                with fx_graph.inserting_after(value):
+                    value = fx_graph.call_function(
+                        torch.narrow, (value, axis, point.offset, point.width)
+                    )
             with fx_graph.inserting_after(value):
                 values[point.name] = fx_graph.call_function(rows, (value, axis, point.name))
         fx_graph.output(values)

@@ -74,13 +74,26 @@ def test_a_subclass_uses_its_base_rule_but_is_traced_through():
     assert not registry.traced_whole(MyLinear(2, 3)) and registry.traced_whole(nn.Linear(2, 3))
 
 
-def test_without_a_rule_a_custom_layer_is_frozen_and_not_resized(rules):
-    model = gated_net()
-    graph = trace(model, torch.randn(4, 12))
-    assert graph.coverage == 0.0
-    assert all("unknown operation linear" in space.reason for space in graph.frozen_spaces)
+def test_without_a_rule_a_custom_layer_is_traced_through_and_never_resized(rules):
+    model = randomize_statistics(gated_net())
+    x = torch.randn(8, 12)
+    graph = trace(model, x)  # its F.linear calls are followed like nn.Linear
+    assert graph.coverage == 1.0 and graph.check_symmetries(x, relative=True) < 1e-5
     with pytest.raises(ValueError, match=r"cannot change the width of layer 0 \(Gated\)"):
         registry.DEFAULT_RULE.resize(model[0], "0")
+
+
+def test_a_linear_map_of_computed_weights_is_frozen():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.head = nn.Parameter(torch.randn(6, 6)), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(F.linear(x, self.weight @ self.weight))
+
+    graph = trace(Tied(), torch.randn(3, 6))
+    assert "linear map of computed weights" in graph.space("head.input").reason
 
 
 def test_a_registered_rule_makes_a_custom_layer_exact(rules):
