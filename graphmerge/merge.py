@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -156,6 +157,7 @@ class Merger:
                 matches[space.name] = Match(eye, eye)
         for index in self.graph.block_spaces:
             matches[index.name] = _index_match(self.graph, index, matches, count, method)
+        _warn_mixing_through_layer_norm(self.graph, matches, merged, count, method)
         details = dict(solution.details)
         result = MergeResult(
             model=None, matches=matches, merged=merged, method=method, output=output,
@@ -290,6 +292,44 @@ def _space_maps(match: Match, count: int) -> SpaceMaps:
         write=[AxisMap.from_matrix(match.merge[:, b]) for b in block],
         read=[AxisMap.from_matrix(match.unmerge[b, :].T) for b in block],
     )
+
+
+def _warn_mixing_through_layer_norm(
+    graph: ModelGraph, matches: dict[str, Match], merged: list[str], count: int, method: str
+) -> None:
+    """A warning where a merge mixes channels (a merged unit takes several units of one
+    model: cca, zip's clusters) of a space a LayerNorm normalises: LayerNorm commutes with
+    permutations, not with mixing, so even aligned models do not merge exactly there."""
+    mixed = []
+    for name in merged:
+        space = graph.space(name)
+        norms = [
+            axis.param
+            for axis in space.param_axes
+            if axis.param.endswith(".weight")
+            and isinstance(_module(graph.model, axis.param.rsplit(".", 1)[0]), nn.LayerNorm)
+        ]
+        merge = matches[name].merge
+        blocks = merge.reshape(merge.shape[0], count, -1)
+        if norms and bool(((blocks != 0).sum(dim=2) > 1).any()):
+            mixed.append(f"{name} (normalised by {norms[0].rsplit('.', 1)[0]})")
+    if mixed:
+        warnings.warn(
+            f"{method} mixes channels of {len(mixed)} space{'s' if len(mixed) > 1 else ''} that "
+            f"a LayerNorm normalises, e.g. "
+            f"{', '.join(mixed[:3])}: LayerNorm commutes with permutations, not with mixing, so "
+            "the merge is not exact there even for aligned models; permute and weight_matching "
+            "are",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:  # a parameter of the model itself, or of no module
+        return None
 
 
 def _index_match(

@@ -106,3 +106,31 @@ def indexed_axis(
     if found is None:  # the channel axis is among the dims the index does not name
         return out + (axis - dim), None, ""
     return found[0], found[1], ""
+
+
+def axis_groups(
+    in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> list[tuple[list[int], list[int]]] | None:
+    """The dims of a reshape paired as (input dims, output dims) of equal sizes, in order
+    (dims of size 1 left out); None where the sizes do not pair up."""
+    big_in = [i for i, size in enumerate(in_shape) if size != 1]
+    big_out = [j for j, size in enumerate(out_shape) if size != 1]
+    groups, i, j = [], 0, 0
+    while i < len(big_in) and j < len(big_out):
+        group_in, group_out = [big_in[i]], [big_out[j]]
+        size_in, size_out = in_shape[big_in[i]], out_shape[big_out[j]]
+        while size_in != size_out:
+            if size_in < size_out and i + 1 < len(big_in):
+                i += 1
+                group_in.append(big_in[i])
+                size_in *= in_shape[big_in[i]]
+            elif size_out < size_in and j + 1 < len(big_out):
+                j += 1
+                group_out.append(big_out[j])
+                size_out *= out_shape[big_out[j]]
+            else:
+                return None
+        groups.append((group_in, group_out))
+        i += 1
+        j += 1
+    return groups if i == len(big_in) and j == len(big_out) else None

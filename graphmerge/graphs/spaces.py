@@ -75,6 +75,11 @@ class Channels:
             position = end
         return Channels(self.axis, tuple(kept)) if kept else None
 
+    def sliced_all(self, cuts: list[int]) -> list[Segment]:
+        """The segments between consecutive ``cuts`` (each piece one whole segment)."""
+        bounds = [0, *cuts, self.size]
+        return [self.sliced(a, b).segments[0] for a, b in pairwise(bounds)]
+
     def repeated(self, factor: int) -> Channels:
         return Channels(
             self.axis,
@@ -97,7 +102,33 @@ class Several:
     values: tuple[Channels | Unknown | None, ...]
 
 
-Value = Channels | Unknown | Several | None  # None: no channels (shapes, scalars, invariants)
+@dataclass(frozen=True)
+class Heads:
+    """A tensor whose channels (one space) are split over axes: ``heads`` blocks along
+    ``head_axis``, each block's channels along ``inner_axis``; attention logits carry the
+    head index only (``element`` and ``inner_axis`` None). A packed projection not yet taken
+    apart has ``parts`` > 1 pieces (q, k, v) along ``parts_axis``. ``index`` is the block
+    index once an attention has paired the heads."""
+
+    element: int | None
+    heads: int
+    head_axis: int
+    inner_axis: int | None
+    parts: int = 1
+    parts_axis: int | None = None
+    index: int | None = None
+
+    def moved(self, new_axis: dict[int, int]) -> Heads:
+        """The same heads with each axis k at ``new_axis[k]``."""
+        return replace(
+            self,
+            head_axis=new_axis[self.head_axis],
+            inner_axis=None if self.inner_axis is None else new_axis[self.inner_axis],
+            parts_axis=None if self.parts_axis is None else new_axis[self.parts_axis],
+        )
+
+
+Value = Channels | Unknown | Several | Heads | None  # None: no channels (shapes, scalars, ...)
 
 
 @dataclass(frozen=True)
@@ -255,14 +286,16 @@ class SpaceFinder:
         if any(e in self._block_counts or e in self._structures for e in members):
             return False
         bounds = [0, *cuts, self._elements[element].width]
-        widths = [b - a for a, b in pairwise(bounds)]
         first: list[int] | None = None
         for member in members:
             origin = self._elements[member]
-            parts = [self.new(origin.origin, width) for width in widths]
-            for part in parts:
+            parts = []
+            for start, stop in pairwise(bounds):
+                part = self.new(f"{origin.origin}[{start}:{stop}]", stop - start)
                 self._elements[part].frozen_reasons = list(origin.frozen_reasons)
-                self._producers[part] = list(self._producers.get(member, ()))
+                producers = self._producers.get(member, ())
+                self._producers[part] = [f"{p}[{start}:{stop}]" for p in producers]
+                parts.append(part)
             self._parts[member] = parts
             if first is None:
                 first = parts
@@ -318,6 +351,11 @@ class SpaceFinder:
             self._elements[element].frozen_reasons.append(reason)
 
     def freeze_value(self, value: Value, reason: str) -> None:
+        if isinstance(value, Heads):
+            for element in (value.element, value.index):
+                if element is not None:
+                    self.freeze_value(Channels(None, (Segment(element, 1),)), reason)
+            return
         if isinstance(value, Channels):
             for segment in self.expand(value).segments:
                 self.freeze(segment.element, reason)

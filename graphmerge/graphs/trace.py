@@ -21,6 +21,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from graphmerge.fold import state_tensors, tensor_aliases
+from graphmerge.graphs import heads as attention_heads
 from graphmerge.graphs import parameters
 from graphmerge.graphs.layers import (
     FunctionCall,
@@ -50,7 +51,7 @@ from graphmerge.graphs.operations import (
 )
 from graphmerge.graphs.parameters import FromParameters
 from graphmerge.graphs.shapes import broadcast_axis, indexed_axis
-from graphmerge.graphs.spaces import Channels, Several, SpaceFinder, Unknown, Value
+from graphmerge.graphs.spaces import Channels, Heads, Several, SpaceFinder, Unknown, Value
 from graphmerge.runtime import evaluating, input_hint
 
 
@@ -276,6 +277,8 @@ class _Walker:
 
     def _output(self, node: fx.Node) -> tuple[Value, NodeKind, str]:
         for value in self._leaves(node.args):
+            if isinstance(value, Heads):
+                self.finder.freeze_value(value, "attention heads are an output of the model")
             if isinstance(value, Channels):
                 for segment in self.finder.expand(value).segments:
                     self.finder.union(segment.element, self.finder.output_element)
@@ -305,6 +308,11 @@ class _Walker:
             return self._unknown(node, reason), NodeKind.MODULE, ""
         if any(isinstance(value, FromParameters) for value in inputs):
             return self._module_on_parameters(node, module, inputs), NodeKind.MODULE, ""
+        if any(isinstance(value, Heads) for value in inputs):
+            if rule.elementwise and len(inputs) == 1:  # dropout, softmax, identity on heads
+                return inputs[0], NodeKind.MODULE, ""
+            reason = f"{path} ({type(module).__name__}) applied to attention heads"
+            return self._unknown(node, reason), NodeKind.MODULE, ""
         shapes = [_shape(arg) for arg in tensors]
         call = LayerCall(self.finder, module, path, inputs, shapes, _shape(node))
         return rule.channels(call), NodeKind.MODULE, rule.category
@@ -334,11 +342,20 @@ class _Walker:
         value = self._function(node, name, node.target)
         if name == "getitem" and isinstance(self._value(node.args[0]), Several):
             return value, NodeKind.FUNCTION, "producer"  # an output of a layer
-        return value, NodeKind.FUNCTION, category(name)
+        return value, NodeKind.FUNCTION, self._category(node, name, value)
 
     def _call_method(self, node: fx.Node) -> tuple[TracedValue, NodeKind, str]:
         name = str(node.target)
-        return self._function(node, name, None), NodeKind.FUNCTION, category(name)
+        value = self._function(node, name, None)
+        return value, NodeKind.FUNCTION, self._category(node, name, value)
+
+    def _category(self, node: fx.Node, name: str, value: TracedValue) -> str:
+        """The op's merge-point category; heads put side by side again are an attention's
+        output (the features of its value space)."""
+        first = self._value(node.args[0]) if node.args else None
+        if isinstance(first, Heads) and isinstance(value, Channels):
+            return "producer"
+        return category(name)
 
     # -- functions ---------------------------------------------------------------------------
     def _function(self, node: fx.Node, name: str, target: Any) -> TracedValue:
@@ -349,6 +366,8 @@ class _Walker:
         operands = self._operands(node, name)
         if name == "getitem":
             return self._getitem(node)
+        if any(isinstance(v, Heads) for v in operands):
+            return self._heads_function(node, name, operands)
         if any(isinstance(v, Several) for v in operands):
             return self._unknown(node, f"{name} at {node.name} reads several tensors as one")
         if operands and all(isinstance(v, FromParameters) for v in operands):
@@ -552,6 +571,8 @@ class _Walker:
     def _getitem(self, node: fx.Node) -> TracedValue:
         """``x[index]``: an item of several outputs, or an index that leaves channels whole."""
         value, index = self._value(node.args[0]), node.args[1]
+        if isinstance(value, Heads):
+            return self._heads_item(node, value, index)
         if isinstance(value, Several):
             if isinstance(index, int) and -len(value.values) <= index < len(value.values):
                 return value.values[index]
@@ -570,6 +591,19 @@ class _Walker:
             value = kept
         return value.moved(axis)
 
+    def _heads_item(self, node: fx.Node, value: Heads, index: Any) -> Value:
+        """``qkv[i]`` of packed heads (q, k, v along the leading parts axis)."""
+        if value.parts_axis == 0 and isinstance(index, int) and 0 <= index < value.parts:
+            pieces = self._unpacked(node, value)
+            if pieces is not None:
+                return pieces[index]
+        return self._unknown(node, f"{node.name} indexes attention heads")
+
+    def _unpacked(self, node: fx.Node, value: Heads) -> list[Heads] | None:
+        shape = _shape(node.args[0]) or ()
+        width = value.heads * shape[value.inner_axis]
+        return attention_heads.unpacked(value, self.finder, width)
+
     def _split(self, node: fx.Node, name: str) -> Value:
         """split / chunk / unbind: pieces along another axis keep the channels; along the
         channel axis, each piece must be whole segments (a concatenation taken apart)."""
@@ -579,6 +613,11 @@ class _Walker:
         dim = (dims[0] if dims else node.kwargs.get("dim", 0)) % max(1, len(in_shape))
         if isinstance(value, FromParameters):
             return self._untracked(node, [value], f"{node.name} splits parameters")
+        if isinstance(value, Heads):
+            pieces = self._unpacked(node, value) if name == "unbind" else None
+            if pieces is None or dim != value.parts_axis:
+                return self._unknown(node, f"{node.name} splits attention heads")
+            return Several(tuple(pieces))
         if not isinstance(value, Channels) or value.axis is None:
             return self._unknown(node, f"{node.name} splits a tensor of unknown channels")
         if dim != value.axis:
@@ -636,6 +675,47 @@ class _Walker:
         if any(pad[2 * from_end : 2 * from_end + 2]):
             return self._unknown(node, f"{node.name} pads the channel axis")
         return value
+
+    def _heads_function(self, node: fx.Node, name: str, operands: list) -> Value:
+        """An op on heads (see ``graphs.heads``): followed where attention does it, else the
+        heads are frozen."""
+        first = operands[0] if operands else None
+        found: Value | str = f"{name} of attention heads"
+        tensors = [v for v in operands if isinstance(v, Heads)]
+        others = [v for v in operands if not isinstance(v, Heads)]
+        plain = all(v is None for v in others)  # masks, scales: no channels, no parameters
+        ndim = len(_shape(node) or ())
+        if name in SHAPE_NAMES and isinstance(first, Heads) and len(operands) == 1:
+            found = attention_heads.reshaped_heads(first, _shape(node.args[0]), _shape(node))
+        elif name in PERMUTE_NAMES and isinstance(first, Heads):
+            order = self._permutation(node, name)
+            found = first.moved({old: new for new, old in enumerate(order)})
+        elif name in ELEMENTWISE_NAMES and len(operands) == 1:
+            found = first
+        elif name in BINARY_NAMES and len(tensors) == 1 and plain:
+            found = tensors[0]
+        elif name in ("matmul", "bmm") and len(tensors) == 2 and not others:
+            a, b = tensors
+            if a.inner_axis == ndim - 1 and b.inner_axis == ndim - 2:
+                found = attention_heads.attention_scores(self.finder, a, b, self._origin(a))
+            elif a.inner_axis is None:
+                found = attention_heads.attended(self.finder, a, b, ndim - 1)
+        elif name == "scaled_dot_product_attention" and len(tensors) == 3 and plain:
+            q, k, v = tensors
+            if q.inner_axis == k.inner_axis == v.inner_axis == ndim - 1:
+                scores = attention_heads.attention_scores(self.finder, q, k, self._origin(q))
+                found = (
+                    attention_heads.attended(self.finder, scores, v, ndim - 1)
+                    if isinstance(scores, Heads)
+                    else scores
+                )
+        if isinstance(found, str):
+            return self._unknown(node, f"{node.name} {found}")
+        return found
+
+    def _origin(self, heads: Heads) -> str:
+        """The layer the heads' queries come from (a packed projection's, without the slice)."""
+        return self.finder.origin(heads.element).split("[", 1)[0]
 
     def _linear(self, node: fx.Node, value: Value) -> Value:
         """F.linear(x, weight, bias) with stored parameters: as an nn.Linear (weight axis 1
@@ -713,6 +793,10 @@ class _Walker:
         return value.moved(value.axis - (0 if keepdim else sum(d < value.axis for d in dims)))
 
     def _reshape(self, node: fx.Node, value: Value) -> Value:
+        if isinstance(value, Channels):
+            found = attention_heads.split_into_heads(value, _shape(node.args[0]), _shape(node))
+            if found is not None:
+                return found
         return reshaped(
             value,
             _shape(node.args[0]),

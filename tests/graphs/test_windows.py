@@ -1,4 +1,5 @@
-"""Window attention (torchvision's and timm's Swin) and timm's ViT attention: heads as
+"""Window attention (torchvision's and timm's Swin, MaxViT) and timm's ViT attention (traced
+as written: the generic attention pattern of ``graphs.heads``): heads as
 structured spaces, the relative-position-bias table on the heads' block index, patch
 merging and cyclic shifts followed; permuted copies merged back exactly."""
 
@@ -75,7 +76,7 @@ def test_permuted_copies_merge_back_with_permute_and_weight_matching(build):
             assert (merged(x) - reference).abs().max() <= 1e-4 * reference.abs().max(), method
 
 
-def test_timm_attention_with_q_k_norms_is_traced_as_written_and_freezes_its_heads():
+def test_timm_attention_with_q_k_norms_freezes_its_heads_with_the_reason():
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=5,
         qk_norm=True,
@@ -84,7 +85,10 @@ def test_timm_attention_with_q_k_norms_is_traced_as_written_and_freezes_its_head
     x = torch.randn(2, 3, 16, 16)
     graph = trace(model, x)
     assert graph.check_symmetries(x, relative=True) < 1e-5
-    assert graph.space("blocks.0.attn.qkv").frozen
+    qkv = "blocks.0.attn.qkv.weight"
+    heads = [s for s in graph.spaces if any(a.param == qkv and a.axis == 0 for a in s.param_axes)]
+    assert len(heads) == 3 and all(s.frozen for s in heads)  # q, k, v: the q/k norms
+    assert all("attention heads" in s.reason for s in heads)
 
 
 def test_a_roll_along_the_channels_freezes_them():

@@ -1,6 +1,8 @@
 """Matching structured spaces: two-level assignment, block-by-block solving, block matches,
 and merges of permuted copies of models with attention heads and grouped convolutions."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,6 +163,18 @@ def test_a_method_that_mixes_heads_gets_a_clear_error(monkeypatch):
     model, copy, x = permuted_pair("attention")
     merger = gm.Merger([model, copy], example_input=x[:4], progress=False)
     merger.collect([x])
-    merger.merge("blender")  # a features function runs block by block: it mixes within heads
+    with pytest.warns(RuntimeWarning, match="LayerNorm"):  # it mixes the stream, too
+        merger.merge("blender")  # a features function runs block by block: within heads
     with pytest.raises(ValueError, match="joint_blender mixes channels of different blocks"):
         merger.merge("joint_blender")
+
+
+def test_methods_that_mix_channels_through_a_layer_norm_say_so():
+    model, copy, x = permuted_pair("attention")
+    merger = gm.Merger([model, copy], example_input=x[:4], progress=False)
+    merger.collect([x])
+    with pytest.warns(RuntimeWarning, match="cca mixes channels of .* LayerNorm normalises"):
+        merger.merge("cca")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merger.merge("permute")  # permutations commute with LayerNorm: no warning

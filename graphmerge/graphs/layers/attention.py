@@ -142,40 +142,6 @@ class MultiheadAttentionRule(LayerRule):
         return lambda *args, **kwargs: multihead_attention(layer, *args, **kwargs)
 
 
-@register_layer("timm.layers.attention.Attention")
-class TimmAttentionRule(LayerRule):
-    """timm's ViT attention (a packed ``qkv`` Linear, heads, ``proj``), traced through
-    ``timm_attention``. With q/k norms, a gate, a mask or causal attention it is traced as
-    timm wrote it (its head-splitting reshape freezes the heads, with the reason)."""
-
-    leaf = False
-
-    def traced_forward(self, layer: nn.Module, kwargs: dict) -> Callable | None:
-        plain = all(
-            isinstance(getattr(layer, name, None), nn.Identity) for name in ("q_norm", "k_norm")
-        )
-        if not plain or getattr(layer, "gate", None) is not None:
-            return None
-        if any(_given(value) for value in kwargs.values()):
-            return None
-        return lambda x, **unused: timm_attention(layer, x)
-
-
-def timm_attention(layer: nn.Module, x: Tensor) -> Tensor:
-    """timm's Attention.forward (no mask, no q/k norm, no gate) as projections, heads and
-    output projection: the same computation (softmax(q k^T / sqrt(d)) v per head)."""
-    tokens = x.transpose(0, 1)
-    q, k, v = attention_projections(
-        tokens, tokens, tokens, layer.qkv.weight, layer.qkv.bias, None, None, None, None, None
-    )
-    dropout = layer.attn_drop.p if isinstance(layer.attn_drop, nn.Dropout) else 0.0
-    heads, _ = attend(
-        q, k, v, layer.num_heads, False, dropout, layer.training, None, False, None, True,
-        False, False,
-    )  # fmt: skip
-    return layer.proj_drop(layer.proj(layer.norm(heads.transpose(0, 1))))
-
-
 @register_function(attention_projections)
 class ProjectionsRule(FunctionRule):
     """Q and K rows write one new space, V rows another; the columns read the inputs."""
@@ -280,16 +246,6 @@ def _heads_problem(finder, q: Value, k: Value, v: Value, masks: list) -> str:
         ):
             return "has a mask computed from channels or parameters"
     return ""
-
-
-def _given(value: object) -> bool:
-    """Whether an optional argument is set: not None, not False, and not an input of the model
-    left at its default None or False (torch.fx makes such an argument a placeholder;
-    graphmerge feeds only the example's inputs, so it keeps its default)."""
-    if isinstance(value, fx.Proxy):
-        node = value.node
-        return not (node.op == "placeholder" and node.args in ((None,), (False,)))
-    return value is not None and value is not False
 
 
 def _parameter(value: object) -> str | None:
