@@ -5,7 +5,8 @@ A *space* is a set of channel axes that must always be transformed together
 to it by a residual add). ``trace`` finds them automatically with torch.fx;
 ``GraphBuilder`` builds a graph by hand; ``ModelGraph.check_symmetries`` proves
 either kind exact by permuting every space at random. What graphmerge knows about each
-layer type is its rule (``LayerRule``); ``register_layer`` adds one for your own layer.
+layer type is its rule (``LayerRule``); ``register_layer`` adds one for your own layer, and
+``register_function`` one for a function torch.fx keeps whole (``torch.fx.wrap``).
 
 Example:
     >>> import torch, graphmerge as gm
@@ -16,7 +17,16 @@ Example:
 """
 
 from graphmerge.graphs.builder import GraphBuilder
-from graphmerge.graphs.layers import LayerCall, LayerRule, NormRule, register_layer, rule_for
+from graphmerge.graphs.layers import (
+    FunctionCall,
+    FunctionRule,
+    LayerCall,
+    LayerRule,
+    NormRule,
+    register_function,
+    register_layer,
+    rule_for,
+)
 from graphmerge.graphs.model_graph import ModelGraph
 from graphmerge.graphs.nodes import GraphNode, NodeKind
 from graphmerge.graphs.randomize import randomize_statistics
@@ -26,6 +36,8 @@ from graphmerge.graphs.trace import GraphTraceError, check_plain_model, trace
 __all__ = [
     "Block",
     "Concatenation",
+    "FunctionCall",
+    "FunctionRule",
     "GraphBuilder",
     "GraphNode",
     "GraphTraceError",
@@ -38,6 +50,7 @@ __all__ = [
     "Space",
     "check_plain_model",
     "randomize_statistics",
+    "register_function",
     "register_layer",
     "rule_for",
     "trace",

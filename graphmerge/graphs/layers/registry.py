@@ -325,7 +325,17 @@ def register_function(
 ) -> Callable[[FunctionRuleType], FunctionRuleType]:
     """Class decorator: use the decorated FunctionRule for calls of ``functions`` (functions
     torch.fx does not trace into: wrapped with ``torch.fx.wrap``), given as functions or as
-    "module.qualname" (a library's function that need not be imported)."""
+    "module.qualname" (a library's function that need not be imported).
+
+    Example:
+        >>> torch.fx.wrap("scale_rows")  # in the module that defines scale_rows(x, weight)
+        >>> @gm.graphs.register_function(scale_rows)
+        ... class ScaleRowsRule(gm.graphs.FunctionRule):
+        ...     def channels(self, call):  # call.args: the channels of x, the weight's axes
+        ...         x, weight = call.args
+        ...         call.finder.touch(weight.parameter, 0, "out", x)
+        ...         return x
+    """
 
     def decorator(rule: FunctionRuleType) -> FunctionRuleType:
         instance = rule()
