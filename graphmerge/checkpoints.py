@@ -1,7 +1,10 @@
 """Checkpoints that rebuild their model from the file alone, written atomically.
 
 A checkpoint holds the architecture name and its arguments (``ModelSpec``), the
-state_dict (on CPU) and free-form metadata (test metrics, data spec, seed).
+state_dict (on CPU) and free-form metadata (test metrics, data spec, seed). A path ending
+in ``.safetensors`` is written and read in that format (the ``safetensors`` package): the
+tensors, and everything else as JSON in the header's metadata; a plain safetensors file
+(no graphmerge header) reads as a state_dict.
 
 Example:
     >>> import graphmerge as gm
@@ -13,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections import OrderedDict
@@ -29,6 +33,9 @@ from graphmerge.resize import resized_copy
 
 CHECKPOINT_FORMAT = "graphmerge.checkpoint"
 CHECKPOINT_VERSION = 1
+SAFETENSORS_SUFFIX = ".safetensors"
+# The header fields of a graphmerge safetensors file, each a JSON string.
+HEADER_FIELDS = ("version", "architecture", "kwargs", "resized", "metadata", "layer_versions")
 
 
 @dataclass
@@ -82,8 +89,95 @@ def save_checkpoint(
         "metadata": dict(metadata or {}),
     }
     with atomic_write(path) as handle:
-        torch.save(payload, handle)
+        if Path(path).suffix == SAFETENSORS_SUFFIX:
+            handle.write(_safetensors_bytes(payload))
+        else:
+            torch.save(payload, handle)
     return Path(path)
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:  # an optional dependency: only .safetensors paths need it
+        raise ImportError(
+            "reading or writing .safetensors files needs the safetensors package: "
+            "pip install safetensors (or the graphmerge[hf] extra)"
+        ) from error
+    return safetensors.torch
+
+
+def _safetensors_bytes(payload: dict[str, Any]) -> bytes:
+    """The payload as safetensors: the state_dict's tensors (each its own copy: tied weights
+    are stored under each name) and the rest as JSON strings in the header."""
+    state = payload["state_dict"]
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state.items()}
+    header = {"format": CHECKPOINT_FORMAT}
+    versions = getattr(state, "_metadata", None)
+    fields = {**payload, "layer_versions": dict(versions) if versions is not None else None}
+    for name in HEADER_FIELDS:
+        try:
+            header[name] = json.dumps(_tagged(fields[name]))
+        except TypeError as error:
+            raise ValueError(
+                f"cannot store {name} in a safetensors header (it must be JSON: numbers, "
+                f"strings, lists, dicts): {error}; save to a .pt path instead"
+            ) from error
+    return _safetensors().save(tensors, metadata=header)
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> Any:
+    """A graphmerge safetensors file as the payload ``torch.load`` gives for a .pt one; a
+    plain safetensors file as its state_dict."""
+    library = _safetensors()
+    try:
+        data = path.read_bytes()
+        tensors = library.load(data)
+        header = _safetensors_header(data)
+    except Exception as error:  # the library reports a damaged file in many ways
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
+    state = OrderedDict((key, value.to(map_location)) for key, value in tensors.items())
+    if header.get("format") != CHECKPOINT_FORMAT:
+        return state
+    fields = {
+        name: json.loads(header[name], object_hook=_untagged)
+        for name in HEADER_FIELDS
+        if name in header
+    }
+    if fields.get("layer_versions") is not None:
+        state._metadata = fields["layer_versions"]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": fields.get("version"),
+        "architecture": fields.get("architecture"),
+        "kwargs": fields.get("kwargs", {}),
+        "resized": fields.get("resized", False),
+        "state_dict": state,
+        "metadata": fields.get("metadata", {}),
+    }
+
+
+TUPLE_TAG = "__tuple__"  # JSON has lists only: tuples (hidden=(64, 64)) are tagged
+
+
+def _tagged(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return {TUPLE_TAG: [_tagged(item) for item in value]}
+    if isinstance(value, list):
+        return [_tagged(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _tagged(item) for key, item in value.items()}
+    return value
+
+
+def _untagged(value: dict) -> Any:
+    return tuple(value[TUPLE_TAG]) if set(value) == {TUPLE_TAG} else value
+
+
+def _safetensors_header(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header (8-byte length first)."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
 def load_checkpoint(
@@ -102,12 +196,15 @@ def load_checkpoint(
 
 
 def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """What a PyTorch file holds (tensors and plain containers only: ``weights_only``)."""
+    """What a PyTorch file holds (tensors and plain containers only: ``weights_only``), or a
+    ``.safetensors`` file (a checkpoint's payload, or a plain state_dict)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return _read_safetensors(path, map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

@@ -240,3 +240,51 @@ def test_a_spec_other_than_the_models_own_round_trips_with_the_models_widths(tmp
     x = torch.randn(4, 64)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_safetensors_checkpoints_round_trip_with_their_metadata(tmp_path):
+    import safetensors.torch
+
+    model = gm.models.build("mlp", hidden=(32,), norm="bn", seed=0)
+    path = gm.save_checkpoint(model, tmp_path / "mlp.safetensors", metadata={"seed": 3})
+    assert sorted(os.listdir(tmp_path)) == ["mlp.safetensors"]  # written atomically
+    plain = safetensors.torch.load_file(path)  # an ordinary safetensors file
+    assert set(plain) == set(model.state_dict())
+    loaded = gm.load_checkpoint(path)
+    assert loaded.architecture == "mlp" and loaded.metadata == {"seed": 3}
+    assert gm.models.spec_of(loaded.model) == gm.models.spec_of(model)
+    assert_same_state(loaded.model, model)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "torchvision:mnasnet0_5"])
+def test_safetensors_keep_resized_merges_and_layer_versions(tmp_path, name):
+    if name == "resnet20":
+        (a, _), x, model = merged_pair("resnet20", {}, (3, 8, 8), "permute", start_at=3)
+        spec = gm.models.spec_of(a)
+    else:  # MNASNet refuses a state dict without its layer versions
+        model, spec, x = gm.models.build(name, num_classes=10, seed=0), None, None
+    path = gm.save_checkpoint(model, tmp_path / "model.safetensors", spec=spec)
+    loaded = gm.load_checkpoint(path).model
+    assert_same_state(loaded, model)
+    if x is not None:
+        assert widths(loaded) == widths(model)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_plain_and_damaged_safetensors_files(tmp_path):
+    import safetensors.torch
+
+    model = gm.models.build("mlp", hidden=(32,), seed=0)
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, plain)
+    with pytest.raises(ValueError, match="not a graphmerge checkpoint"):
+        gm.load_checkpoint(plain)
+    assert set(gm.checkpoints.read_file(plain)) == set(model.state_dict())
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        gm.load_checkpoint(damaged)
+    with pytest.raises(ValueError, match="cannot store metadata in a safetensors header"):
+        gm.save_checkpoint(model, tmp_path / "bad.safetensors", metadata={"model": model})
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Sections (## headings) whose Python blocks share one process, in README order.
 GROUPS = {
-    "api": ["Python API"],
+    "api": ["Python API", "Checkpoints"],
     "graphs": ["Model graphs"],
     "merging": ["Merging", "Matching functions", "Normalization after merging",
                 "Evaluation and comparison"],

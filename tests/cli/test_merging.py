@@ -255,3 +255,25 @@ def test_a_method_registered_at_run_time_merges_from_the_command_line(
     expected = gm.merge(sources, [torch.randn(8, 64)], "identity", progress=False)
     for key, value in expected.state_dict().items():
         assert torch.allclose(gm.load_checkpoint(out).model.state_dict()[key], value), key
+
+
+def test_merge_reads_and_writes_safetensors(checkpoints, tmp_path, capsys):
+    sources = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.safetensors"
+        loaded = gm.load_checkpoint(checkpoints[name])
+        gm.save_checkpoint(loaded.model, path, metadata=loaded.metadata)
+        sources.append(path)
+    out = tmp_path / "merged.safetensors"
+    assert (
+        main(["merge", *map(str, sources), "--method", "permute", "--out", str(out), "--quiet"])
+        == 0
+    )
+    from_pt = tmp_path / "merged.pt"
+    args = ["merge", str(checkpoints["a"]), str(checkpoints["b"]), "--method", "permute"]
+    assert main([*args, "--out", str(from_pt), "--quiet"]) == 0
+    capsys.readouterr()
+    merged, expected = gm.load_checkpoint(out), gm.load_checkpoint(from_pt)
+    for key, value in expected.model.state_dict().items():
+        assert torch.equal(merged.model.state_dict()[key], value), key
+    assert merged.metadata["merge"]["method"] == "permute"
