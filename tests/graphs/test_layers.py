@@ -214,3 +214,33 @@ def test_a_layer_of_a_library_is_registered_by_its_name_without_importing_it(rul
     assert isinstance(rule_for(model[0]), NamedRule)
     graph = trace(model, x)
     assert graph.coverage == 1.0 and graph.check_symmetries(x, relative=True) < 1e-5
+
+
+def scaled_rows(x, weight):
+    return x * weight
+
+
+torch.fx.wrap("scaled_rows")
+
+
+def test_a_function_rule_that_says_nothing_freezes_what_the_call_reads(monkeypatch):
+    monkeypatch.setattr(registry, "_FUNCTION_RULES", dict(registry._FUNCTION_RULES))
+
+    @gm.graphs.register_function(scaled_rows)
+    class Silent(gm.graphs.FunctionRule):
+        pass
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.scale, self.head = (
+                nn.Linear(4, 6),
+                nn.Parameter(torch.rand(6)),
+                nn.Linear(6, 2),
+            )
+
+        def forward(self, x):
+            return self.head(scaled_rows(self.fc(x), self.scale))
+
+    graph = trace(Scaled(), torch.randn(3, 4))
+    assert "a function whose rule follows no channels" in graph.space("fc").reason

@@ -212,25 +212,40 @@ class AttendRule(FunctionRule):
     category = "producer"
 
     def channels(self, call: FunctionCall) -> Value:
-        finder = call.finder
         q, k, v = call.args[:3]
-        heads = call.argument(3, "num_heads")
         masks = [call.argument(7, "key_padding_mask"), call.argument(9, "attn_mask")]
         per_head_weights = call.argument(8, "need_weights") and not call.argument(
             10, "average_attn_weights"
         )
-        problem = _heads_problem(finder, q, k, v, masks)
-        if not problem and per_head_weights:
-            problem = "returns the attention weights of each head"
-        if problem:
-            for value in (q, k, v):
-                finder.freeze_value(value, f"{call.name} {problem}")
-            return Several((Unknown(f"{call.name} {problem}"), None))
-        origin = finder.origin(q.segments[0].element).removesuffix(".query_key")
-        index = finder.block_index(f"{origin}.heads", heads)
-        finder.structure(q, index)
-        finder.structure(v, index)
-        return Several((v, None))
+        out = paired_heads(call, q, k, v, call.argument(3, "num_heads"), masks, per_head_weights)
+        return Several((out, None))
+
+
+def paired_heads(
+    call: FunctionCall,
+    q: Value,
+    k: Value,
+    v: Value,
+    heads: int,
+    masks: list,
+    per_head_weights: bool = False,
+) -> Value:
+    """The heads of projected q, k, v (flat channels): q/k and v get one block index of
+    ``heads`` blocks; the result carries v's space. Where they cannot be followed, all three
+    are frozen and the result is Unknown."""
+    finder = call.finder
+    problem = _heads_problem(finder, q, k, v, masks)
+    if not problem and per_head_weights:
+        problem = "returns the attention weights of each head"
+    if problem:
+        for value in (q, k, v):
+            finder.freeze_value(value, f"{call.name} {problem}")
+        return Unknown(f"{call.name} {problem}")
+    origin = finder.origin(q.segments[0].element).removesuffix(".query_key")
+    index = finder.block_index(f"{origin}.heads", heads)
+    finder.structure(q, index)
+    finder.structure(v, index)
+    return v
 
 
 def _heads_problem(finder, q: Value, k: Value, v: Value, masks: list) -> str:

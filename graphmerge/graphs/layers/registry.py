@@ -312,8 +312,17 @@ class FunctionRule:
     category: Category = ""
 
     def channels(self, call: FunctionCall) -> Value:
-        """Register what the call's tensors read and write; return its output's channels."""
-        raise NotImplementedError
+        """Register what the call's tensors read and write; return its output's channels.
+
+        The default follows nothing: every tensor the call reads is frozen."""
+        reason = f"read by {call.name}, a function whose rule follows no channels"
+        for value in (*call.args, *call.kwargs.values()):
+            if isinstance(value, FromParameters):
+                for param, axis in value.parameter_axes:
+                    call.finder.freeze_parameter_axis(param, axis, reason)
+            else:
+                call.finder.freeze_value(value, reason)
+        return Unknown(reason)
 
 
 _FUNCTION_RULES: dict[Callable | str, FunctionRule] = {}  # or by "module.qualname"

@@ -166,10 +166,13 @@ class RelativePositionBiasRule(FunctionRule):
         table = call.args[0]
         if not isinstance(table, FromParameters) or table.parameter is None:
             return FromParameters.constant_tensor((), f"{call.name}: a bias from a computed table")
-        heads = table.shape[1]
-        tokens = call.args[2][0] * call.args[2][1]
+        tokens = self.tokens(call)
         axes = (frozenset(), frozenset({(table.parameter, 1)}), frozenset(), frozenset())
-        return FromParameters((1, heads, tokens, tokens), axes)
+        return FromParameters((1, table.shape[1], tokens, tokens), axes)
+
+    def tokens(self, call: FunctionCall) -> int:
+        """N, the tokens of a window (torchvision passes the window size)."""
+        return call.args[2][0] * call.args[2][1]
 
 
 class WindowsRule(FunctionRule):
@@ -202,10 +205,7 @@ class WindowAttendRule(FunctionRule):
 
     def channels(self, call: FunctionCall) -> Value:
         q, k, v, heads, bias = call.args[:5]
-        found = attention.AttendRule().channels(
-            FunctionCall(call.finder, call.name, (q, k, v, heads), {"need_weights": False})
-        )
-        out = found.values[0] if isinstance(found, Several) else found
+        out = attention.paired_heads(call, q, k, v, heads, masks=[])
         if not isinstance(out, Channels) or not isinstance(bias, FromParameters) or bias.constant:
             reason = f"{call.name} adds a position bias the tracer cannot follow"
             for value in (q, k, v):
@@ -290,12 +290,8 @@ class TimmWindowAttentionRule(WindowAttentionRule):
 
 @register_function(relative_position_bias)
 class TimmRelativePositionBiasRule(RelativePositionBiasRule):
-    def channels(self, call: FunctionCall) -> Value:
-        table, tokens = call.args[0], call.args[2]
-        if not isinstance(table, FromParameters) or table.parameter is None:
-            return FromParameters.constant_tensor((), f"{call.name}: a bias from a computed table")
-        axes = (frozenset(), frozenset({(table.parameter, 1)}), frozenset(), frozenset())
-        return FromParameters((1, table.shape[1], tokens, tokens), axes)
+    def tokens(self, call: FunctionCall) -> int:
+        return call.args[2]  # timm passes the window area
 
 
 @register_function(window_heads)
