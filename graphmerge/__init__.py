@@ -25,6 +25,7 @@ from graphmerge import (
 )
 from graphmerge.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from graphmerge.merge import Match, Merger, MergeResult, interpolate, merge
+from graphmerge.runtime import ModelInputs
 
 # isort: split
 # The harness, plots and demo build on merge (imported after it).
@@ -37,6 +38,7 @@ __all__ = [
     "Match",
     "MergeResult",
     "Merger",
+    "ModelInputs",
     "__version__",
     "comparison",
     "data",

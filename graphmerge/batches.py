@@ -1,19 +1,37 @@
-"""Batches: what a loader may yield, and the input tensors of a pass over it.
+"""Batches: what a loader may yield, and the inputs of a pass over it.
 
-A loader is any re-iterable of input tensors or (input, target, ...) tuples (a
-DataLoader, a list). Every pass over data in graphmerge reads its batches here.
+A loader is any re-iterable (a DataLoader, a list) of batches. Every pass over data in
+graphmerge reads its batches here, by one convention:
+
+- a tensor: the input, ``model(batch)``;
+- an ``(input, target, ...)`` tuple: ``input`` is a tensor (``model(input)``), a tuple or
+  list of tensors (several positional inputs, ``model(*input)``), a dict (keyword inputs,
+  ``model(**input)``) or a ModelInputs;
+- a dict (HuggingFace style): its ``labels`` (or ``label``, ``targets``, ``target``) is
+  the target, every other key a keyword input, ``model(input_ids=..., attention_mask=...)``;
+- anything else: reshape it with ``graphmerge.data.formatted(loader, function)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from graphmerge import distributed
-from graphmerge.runtime import check_positive_int
+from graphmerge.runtime import (
+    Inputs,
+    ModelInputs,
+    check_positive_int,
+    first_samples,
+    sample_count,
+)
+
+# The keys of a dict batch that hold its targets (never passed to the model).
+TARGET_KEYS = ("labels", "label", "targets", "target")
 
 
 def check_loader(loader: object) -> None:
@@ -31,41 +49,103 @@ def check_loader(loader: object) -> None:
         )
 
 
-def labelled_batches(loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (inputs, targets) from a loader of (inputs, targets, ...) tuples; explain others."""
+def labelled_batches(loader: Iterable) -> Iterator[tuple[Inputs, Tensor]]:
+    """Yield (inputs, targets) from a loader of (inputs, targets, ...) tuples or of dicts
+    with a ``labels`` key; explain others."""
     check_loader(loader)
     for batch in loader:
+        if isinstance(batch, Mapping):
+            key = next((key for key in TARGET_KEYS if key in batch), None)
+            if key is None:
+                keys = ", ".join(repr(k) for k in batch)
+                raise ValueError(
+                    f"evaluation needs targets: the loader yields dicts with keys {keys} and "
+                    f"none of {', '.join(TARGET_KEYS)}"
+                )
+            yield batch_inputs(batch), batch[key]
+            continue
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(
-                "evaluation needs a loader of (inputs, targets) pairs; got a batch of type "
-                f"{type(batch).__name__}"
+                "evaluation needs a loader of (inputs, targets) pairs or of dicts with "
+                f"'labels'; got a batch of type {type(batch).__name__}"
             )
-        yield batch[0], batch[1]
+        yield batch_inputs(batch), batch[1]
 
 
-def batch_inputs(batch: object) -> Tensor:
-    """The input tensor of a batch: a tensor, or the first item of an (input, target) pair."""
-    if isinstance(batch, Tensor):
+def call_inputs(value: object) -> Inputs | None:
+    """``value`` as the inputs of one model call (None when it is not one)."""
+    if isinstance(value, (Tensor, ModelInputs)):
+        return value
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        return ModelInputs(kwargs=dict(value))
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
+        return ModelInputs(args=tuple(value))
+    return None
+
+
+def batch_inputs(batch: object) -> Inputs:
+    """The inputs of a batch: a tensor, the first item of an (input, target) pair, or the
+    keyword inputs of a dict batch (see the module docstring)."""
+    if isinstance(batch, (Tensor, ModelInputs)):
         return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
+    if isinstance(batch, Mapping) and all(isinstance(key, str) for key in batch):
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        if not any(isinstance(v, Tensor) for v in inputs.values()):
+            keys = ", ".join(repr(k) for k in batch)
+            raise ValueError(
+                f"the loader yields dicts (keys {keys}) without an input tensor: graphmerge "
+                "passes every key but the targets as a keyword input; reshape the batches "
+                "with graphmerge.data.formatted(loader, function)"
+            )
+        return ModelInputs(kwargs=inputs)
+    if isinstance(batch, (tuple, list)) and batch:
+        inputs = call_inputs(batch[0])
+        if inputs is not None:
+            return inputs
     first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if isinstance(first, np.ndarray):
         raise ValueError(
             "the loader yields numpy arrays: graphmerge needs torch tensors; convert them, e.g. "
             "TensorDataset(torch.from_numpy(inputs), torch.from_numpy(targets)) in a DataLoader"
         )
-    if isinstance(batch, dict):
-        keys = ", ".join(repr(key) for key in batch)
-        raise ValueError(
-            f"the loader yields dicts (keys {keys}); graphmerge needs input tensors or "
-            "(input, target) pairs: pass e.g. [(batch['image'], batch['label']) for batch in "
-            "loader], or a DataLoader whose collate_fn returns such pairs"
-        )
     raise ValueError(
-        "the loader must yield input tensors or (input, target) pairs; got a batch of type "
-        f"{type(batch).__name__}"
+        "the loader must yield input tensors, (input, target) pairs or dicts of keyword "
+        f"inputs; got a batch of type {type(batch).__name__}: reshape the batches with "
+        "graphmerge.data.formatted(loader, function)"
     )
+
+
+class FormattedLoader:
+    """A loader whose batches are ``function(batch)`` of another's, as (ModelInputs,
+    target) pairs (see :func:`formatted`)."""
+
+    def __init__(self, loader: Iterable, function: Callable[[Any], tuple]) -> None:
+        check_loader(loader)
+        self.loader, self.function = loader, function
+
+    def __iter__(self) -> Iterator[tuple[ModelInputs, Any]]:
+        for batch in self.loader:
+            found = self.function(batch)
+            if not isinstance(found, tuple) or len(found) != 3 or not isinstance(found[1], dict):
+                raise ValueError(
+                    "the function given to graphmerge.data.formatted must return "
+                    f"(args, kwargs, target) with kwargs a dict, got {type(found).__name__}"
+                )
+            args, kwargs, target = found
+            yield ModelInputs(tuple(args), kwargs), target
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def formatted(loader: Iterable, function: Callable[[Any], tuple]) -> FormattedLoader:
+    """``loader`` with each batch turned into the model's arguments and the target by
+    ``function(batch) -> (args, kwargs, target)``: for batches no convention reads.
+
+    Example:
+        >>> loader = gm.data.formatted(raw, lambda b: ((b["img"],), {"mask": b["m"]}, b["y"]))
+    """
+    return FormattedLoader(loader, function)
 
 
 def input_batches(
@@ -74,8 +154,8 @@ def input_batches(
     max_samples: int | None,
     progress: bool,
     description: str = "statistics",
-) -> Iterator[Tensor]:
-    """The input tensors of ``loader``, at most ``max_batches`` / ``max_samples``, empty ones
+) -> Iterator[Inputs]:
+    """The inputs of ``loader``, at most ``max_batches`` / ``max_samples``, empty ones
     skipped, with a tqdm bar (on rank 0 only). Under torch.distributed ``max_samples``
     counts all processes: this one takes its share (``gm.distributed.local_samples``)."""
     check_loader(loader)
@@ -95,12 +175,12 @@ def input_batches(
                 break
             inputs = batch_inputs(batch)
             if max_samples is not None:
-                inputs = inputs[: max(0, max_samples - seen)]
-                if inputs.shape[0] == 0:
+                inputs = first_samples(inputs, max(0, max_samples - seen))
+                if sample_count(inputs) == 0:
                     break
-            if inputs.shape[0] == 0:
+            if sample_count(inputs) == 0:
                 continue
-            seen += inputs.shape[0]
+            seen += sample_count(inputs)
             yield inputs
             bar.update(1)
     finally:

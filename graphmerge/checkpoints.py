@@ -4,7 +4,10 @@ A checkpoint holds the architecture name and its arguments (``ModelSpec``), the
 state_dict (on CPU) and free-form metadata (test metrics, data spec, seed). A path ending
 in ``.safetensors`` is written and read in that format (the ``safetensors`` package): the
 tensors, and everything else as JSON in the header's metadata; a plain safetensors file
-(no graphmerge header) reads as a state_dict.
+(no graphmerge header) reads as a state_dict. A HuggingFace model saved to a path without
+a suffix becomes a HuggingFace folder (``config.json``, ``model.safetensors``, and
+``graphmerge.json`` with the spec and metadata), which ``transformers`` loads as well;
+any folder ``save_pretrained`` wrote loads back.
 
 Example:
     >>> import graphmerge as gm
@@ -19,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,7 @@ from torch import nn
 
 from graphmerge import models
 from graphmerge._atomic import atomic_write
+from graphmerge.fold import tensor_aliases
 from graphmerge.resize import resized_copy
 
 CHECKPOINT_FORMAT = "graphmerge.checkpoint"
@@ -36,6 +42,9 @@ CHECKPOINT_VERSION = 1
 SAFETENSORS_SUFFIX = ".safetensors"
 # The header fields of a graphmerge safetensors file, each a JSON string.
 HEADER_FIELDS = ("version", "architecture", "kwargs", "resized", "metadata", "layer_versions")
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+GRAPHMERGE_FILE = "graphmerge.json"
 
 
 @dataclass
@@ -69,6 +78,10 @@ def save_checkpoint(
     """
     own = models.spec_of(model)
     spec = spec if spec is not None else own
+    folder = is_hf_model(model) and Path(path).suffix == ""
+    if spec is None and folder:
+        spec = models.ModelSpec(models.HF_CONFIG, {"config": models.zoo.hf_config(model)})
+        own = spec
     if spec is None:
         raise ValueError(
             "cannot tell how to rebuild this model: build it with graphmerge.models.build(...) "
@@ -88,12 +101,94 @@ def save_checkpoint(
         "state_dict": state,
         "metadata": dict(metadata or {}),
     }
+    if folder:
+        return _save_hf_folder(model, Path(path), payload)
     with atomic_write(path) as handle:
         if Path(path).suffix == SAFETENSORS_SUFFIX:
             handle.write(_safetensors_bytes(payload))
         else:
             torch.save(payload, handle)
     return Path(path)
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a HuggingFace transformers model (it has ``save_pretrained``)."""
+    return hasattr(model, "save_pretrained") and hasattr(model, "config")
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder a HuggingFace model was saved to (holds config.json)."""
+    return Path(path).is_dir() and (Path(path) / HF_CONFIG_FILE).is_file()
+
+
+def _save_hf_folder(model: nn.Module, path: Path, payload: dict[str, Any]) -> Path:
+    """``model.save_pretrained`` into a new folder beside ``path``, then swapped into place
+    (an old folder at ``path`` is replaced only once the new one is complete)."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.exists() and not is_hf_folder(path):
+        raise ValueError(f"{path} exists and is not a HuggingFace folder: choose a new path")
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        header = {key: payload[key] for key in ("format", "version", "architecture", "kwargs")}
+        header.update(resized=payload["resized"], metadata=payload["metadata"])
+        (staging / GRAPHMERGE_FILE).write_text(json.dumps(_tagged(header), indent=1))
+        staging.chmod(0o777 & ~_umask())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read_hf_folder(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The checkpoint payload of a HuggingFace folder: graphmerge's spec and metadata where
+    it wrote one, else the folder's config (architecture ``hf-config``)."""
+    weights = path / HF_WEIGHTS_FILE
+    if not weights.is_file():
+        found = ", ".join(sorted(p.name for p in path.iterdir()))
+        raise ValueError(
+            f"{path} holds no {HF_WEIGHTS_FILE} (found: {found}): save the model with "
+            "model.save_pretrained(folder) (safetensors, the default)"
+        )
+    state = _safetensors().load_file(str(weights), device=str(map_location))
+    if (path / GRAPHMERGE_FILE).is_file():
+        header = json.loads((path / GRAPHMERGE_FILE).read_text(), object_hook=_untagged)
+    else:
+        config = json.loads((path / HF_CONFIG_FILE).read_text())
+        header = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "architecture": models.HF_CONFIG,
+            "kwargs": {"config": config},
+            "resized": False,
+            "metadata": {},
+        }
+    return {**header, "state_dict": _tied_state(header, state)}
+
+
+def _tied_state(header: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """save_pretrained stores a tied weight once (GPT-2's lm_head.weight is wte.weight):
+    the missing names are filled in from the model's own aliases."""
+    model = models.build(header["architecture"], **header["kwargs"])
+    aliases = tensor_aliases(model)
+    filled = dict(state)
+    for name, canonical in aliases.items():
+        if name not in filled and canonical in filled:
+            filled[name] = filled[canonical]
+        elif canonical not in filled and name in filled:
+            filled[canonical] = filled[name]
+    return filled
 
 
 def _safetensors() -> Any:
@@ -199,8 +294,13 @@ def read_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     """What a PyTorch file holds (tensors and plain containers only: ``weights_only``), or a
     ``.safetensors`` file (a checkpoint's payload, or a plain state_dict)."""
     path = Path(path)
+    if is_hf_folder(path):
+        return _read_hf_folder(path, map_location)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a checkpoint file")
+        raise ValueError(
+            f"{path} is a folder, not a checkpoint file (nor a HuggingFace folder with "
+            f"{HF_CONFIG_FILE})"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == SAFETENSORS_SUFFIX:

@@ -32,6 +32,7 @@ from graphmerge._atomic import atomic_write
 from graphmerge.batches import labelled_batches
 from graphmerge.evaluation import Ensemble, evaluate
 from graphmerge.merge import OUTPUTS, Merger, MergeResult
+from graphmerge.runtime import samples_at
 
 DEFAULT_METHODS = ("identity", "permute", "zip", "cca", "weight_matching", "preserve_first")
 COLUMNS = (
@@ -229,7 +230,7 @@ class TaskSubset:
             mine = torch.isin(targets, self.columns.to(targets.device))
             if mine.any():
                 local = (targets[mine, None] == self.columns.to(targets.device)).int().argmax(1)
-                yield inputs[mine], local
+                yield samples_at(inputs, mine), local
 
 
 def _name(

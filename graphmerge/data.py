@@ -34,10 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from graphmerge.batches import formatted, labelled_batches  # noqa: F401 (data.formatted)
+
 DIGITS_NUM_CLASSES = 10
 DIGITS_TEST_FRACTION = 0.2
 SPLIT_SEED = 0
-LAYOUTS = ("flat", "image")
+LAYOUTS = ("flat", "image", "tokens")
+# The digits as text: each pixel's intensity 0..16 is a token id; [CLS] comes first.
+DIGIT_LEVELS = 17
+CLS_TOKEN = DIGIT_LEVELS
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -141,16 +146,29 @@ def digits(
     remap_labels: bool = True,
     batch_size: int = 64,
     shuffle_train: bool = True,
+    cls_token: bool = True,
 ) -> DataSplits:
-    """The digits as flat 64-vectors (``layout="flat"``) or images (``layout="image"``).
+    """The digits as flat 64-vectors (``layout="flat"``), images (``layout="image"``) or
+    token sequences (``layout="tokens"``, for text transformers).
 
     Images are 1x8x8, bilinearly resized to ``image_size`` and repeated to
     ``channels`` (1 or 3). Pixels are standardized with the training set's mean/std.
+    Tokens: each pixel's intensity 0..16 is a token id, 64 tokens in reading order, after
+    a [CLS] token (id 17) unless ``cls_token=False``; batches are dicts of
+    ``input_ids``, ``attention_mask`` and ``labels``, as HuggingFace models take them.
     Shuffling of the training loader draws from torch's global RNG (seeded by
     ``graphmerge.training.train``).
+
+    Example:
+        >>> text = digits(layout="tokens", batch_size=32)
+        >>> sorted(next(iter(text.train)))
+        ['attention_mask', 'input_ids', 'labels']
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: choose 'flat' (MLPs) or 'image' (CNNs)")
+        raise ValueError(
+            f"unknown layout {layout!r}: choose 'flat' (MLPs), 'image' (CNNs) or 'tokens' "
+            "(text transformers)"
+        )
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -168,15 +186,23 @@ def digits(
         inputs = inputs.expand(-1, channels, -1, -1).contiguous()
     elif image_size != 8 or channels != 1:
         raise ValueError("image_size and channels apply to layout='image' only")
+    if layout == "tokens":
+        inputs = torch.from_numpy(pixels * (DIGIT_LEVELS - 1)).round().long()  # 0..16
+        if cls_token:
+            inputs = torch.cat([torch.full((len(inputs), 1), CLS_TOKEN), inputs], dim=1)
 
     def loader(split_index: np.ndarray, shuffle: bool) -> DataLoader:
         keep, targets = select_classes(labels[split_index], class_ids, remap_labels)
-        dataset = TensorDataset(inputs[split_index[keep]], torch.from_numpy(targets))
+        chosen, targets = inputs[split_index[keep]], torch.from_numpy(targets)
+        dataset = (
+            TokenDataset(chosen, targets) if layout == "tokens" else TensorDataset(chosen, targets)
+        )
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 
     spec = dict(
         name="digits",
         layout=layout,
+        **({"cls_token": cls_token} if layout == "tokens" else {}),
         image_size=image_size,
         channels=channels,
         classes=list(class_ids),
@@ -191,6 +217,25 @@ def digits(
         input_shape=tuple(inputs.shape[1:]),
         spec=spec,
     )
+
+
+class TokenDataset(Dataset):
+    """Token sequences and their labels, one HuggingFace-style dict per sample (the
+    DataLoader stacks them into dict batches)."""
+
+    def __init__(self, tokens: torch.Tensor, targets: torch.Tensor) -> None:
+        self.tokens, self.targets = tokens, targets
+        self.mask = torch.ones(tokens.shape[1], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.tokens[index],
+            "attention_mask": self.mask,
+            "labels": self.targets[index],
+        }
 
 
 class _Relabelled(Dataset):
@@ -305,8 +350,8 @@ class Relabelled:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for inputs, targets, *_ in self.loader:
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        for inputs, targets in labelled_batches(self.loader):
             if targets.numel() and (targets.min() < 0 or targets.max() >= len(self.columns)):
                 raise ValueError(f"labels outside the known classes {self.classes}")
             columns = self.columns[targets]
@@ -326,6 +371,8 @@ def input_shape(spec: dict[str, Any]) -> tuple[int, ...]:
     if spec.get("name") == "digits":
         if spec.get("layout", "flat") == "flat":
             return (64,)
+        if spec["layout"] == "tokens":
+            return (64 + bool(spec.get("cls_token", True)),)
         size = spec.get("image_size", 8)
         return (spec.get("channels", 1), size, size)
     if spec.get("name") in ("cifar10", "cifar100"):

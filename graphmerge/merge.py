@@ -23,7 +23,15 @@ from graphmerge.graphs import ModelGraph, Space, check_plain_model, trace
 from graphmerge.matching_functions import MatchingProblem, structured
 from graphmerge.resize import resized_copy
 from graphmerge.results import MergeResult
-from graphmerge.runtime import evaluating, model_device, on_device
+from graphmerge.runtime import (
+    ModelInputs,
+    call_model,
+    evaluating,
+    example_inputs,
+    model_device,
+    moved_to,
+    on_device,
+)
 from graphmerge.statistics import SpaceStatistics, collect_statistics
 from graphmerge.weighting import model_weights, reweighted
 
@@ -53,7 +61,7 @@ class Merger:
         self,
         models: Sequence[nn.Module],
         graph: ModelGraph | None = None,
-        example_input: Tensor | tuple[Tensor, ...] | None = None,
+        example_input: Tensor | tuple[Tensor, ...] | dict | ModelInputs | None = None,
         progress: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
@@ -86,7 +94,6 @@ class Merger:
         progress: bool | None = None,
     ) -> dict[str, SpaceStatistics]:
         """One pass over ``loader``: feature statistics of every mergeable space."""
-        check_single_input(self.graph)
         self.statistics = collect_statistics(
             self.models,
             self.graph,
@@ -208,7 +215,6 @@ class Merger:
 
     def _normalize(self, result: MergeResult, normalize: str, loader: Iterable) -> None:
         """Replace ``result.model`` by its normalized copy (RESET, REPAIR or RESCALE)."""
-        check_single_input(self.graph)
         request = normalization.NormalizationRequest(
             result.model, self.models, loader, self.graph, result.matches,
             weights=result.weights, progress=self.progress,
@@ -371,37 +377,19 @@ def _checked(match: Match | None, space: Space, count: int, method: str) -> Matc
     return Match(merge.detach().cpu().double(), unmerge.detach().cpu().double())
 
 
-def check_single_input(graph: ModelGraph) -> None:
-    """Passes over data feed each batch's input tensor: a clear error for a model of several."""
-    if graph.num_inputs > 1:
-        raise ValueError(
-            f"{type(graph.model).__name__} takes {graph.num_inputs} input tensors, but statistics "
-            "and normalization feed one per batch (the first item of an (input, target) pair): "
-            "merge it with method='weight_matching', which needs no data, or wrap the model so "
-            "that it takes one tensor"
-        )
+def _placed(example: object, device: torch.device) -> ModelInputs:
+    """The example input(s) as one call's arguments on ``device``."""
+    return moved_to(example_inputs(example), device)
 
 
-def _placed(example: Tensor | tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, ...]:
-    """The example input(s) as a tuple on ``device`` (a model with several inputs: a tuple)."""
-    inputs = example if isinstance(example, tuple) else (example,)
-    for tensor in inputs:
-        if not isinstance(tensor, Tensor):
-            raise TypeError(
-                f"example_input must be a tensor or a tuple of tensors (one per input of the "
-                f"model), got a {type(tensor).__name__}"
-            )
-    return tuple(tensor.to(device) for tensor in inputs)
+def _first_samples(inputs: ModelInputs) -> ModelInputs:
+    return inputs.first(EXAMPLE_BATCH)
 
 
-def _first_samples(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return tuple(tensor[:EXAMPLE_BATCH] for tensor in inputs)
-
-
-def _check_runs(model: nn.Module, example: tuple[Tensor, ...]) -> None:
+def _check_runs(model: nn.Module, example: ModelInputs) -> None:
     try:
         with evaluating(model), torch.no_grad():
-            model(*example)
+            call_model(model, example)
     except RuntimeError as error:
         raise RuntimeError(
             f"the merged {type(model).__name__} does not run ({error}); a layer of this model "

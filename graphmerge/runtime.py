@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,26 +62,148 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def run_model(
-    model: Callable[[Tensor], Any], inputs: Tensor, module: nn.Module | None = None
-) -> Any:
-    """``model(inputs)``, with an error that names the input shape (or dtype) when the model
-    rejects it; ``module`` is the nn.Module behind ``model`` when that is a plain function."""
+@dataclass(frozen=True)
+class ModelInputs:
+    """The arguments of one call of a model, ``model(*args, **kwargs)``: what a batch of
+    several inputs (a dict of ``input_ids`` and ``attention_mask``, a tuple of tensors)
+    feeds. Tensors share their first axis, the samples; other values pass as they are.
+
+    Example:
+        >>> inputs = ModelInputs(kwargs={"input_ids": ids, "attention_mask": mask})
+        >>> inputs.samples, inputs.first(2).samples
+        (32, 2)
+    """
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> list[Tensor]:
+        return [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, Tensor)]
+
+    @property
+    def samples(self) -> int:
+        tensors = [t for t in self.tensors() if t.dim() > 0]
+        return tensors[0].shape[0] if tensors else 0
+
+    def map(self, function: Callable[[Tensor], Tensor]) -> ModelInputs:
+        """The same call with ``function`` applied to every tensor of at least one axis."""
+
+        def apply(value: Any) -> Any:
+            return function(value) if isinstance(value, Tensor) and value.dim() > 0 else value
+
+        return ModelInputs(
+            tuple(apply(v) for v in self.args), {k: apply(v) for k, v in self.kwargs.items()}
+        )
+
+    def first(self, count: int) -> ModelInputs:
+        return self.map(lambda tensor: tensor[:count])
+
+    def describe(self) -> str:
+        """The shapes and dtypes of the tensors, by argument (for error messages)."""
+
+        def shown(value: Any) -> str:
+            if isinstance(value, Tensor):
+                return f"{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+            return type(value).__name__
+
+        parts = [shown(v) for v in self.args] + [f"{k}={shown(v)}" for k, v in self.kwargs.items()]
+        return "(" + ", ".join(parts) + ")"
+
+
+def example_inputs(example: object) -> ModelInputs:
+    """``example`` (a tensor, a tuple of positional input tensors, a dict of keyword inputs,
+    a ModelInputs) as the arguments of one call."""
+    if isinstance(example, ModelInputs):
+        return example
+    if isinstance(example, Tensor):
+        return ModelInputs((example,))
+    if isinstance(example, Mapping) and all(isinstance(key, str) for key in example):
+        return ModelInputs(kwargs=dict(example))
+    if isinstance(example, (tuple, list)):
+        return ModelInputs(tuple(example))
+    raise TypeError(
+        "the example input must be a tensor, a tuple of tensors, a dict of keyword inputs or "
+        f"a graphmerge.ModelInputs, got {type(example).__name__}"
+    )
+
+
+# A batch's inputs: one tensor (the common case, ``model(tensor)``) or a call of several.
+Inputs = Tensor | ModelInputs
+
+
+def sample_count(inputs: Inputs) -> int:
+    """The number of samples of ``inputs`` (their first axis)."""
+    return inputs.samples if isinstance(inputs, ModelInputs) else inputs.shape[0]
+
+
+def first_samples(inputs: Inputs, count: int) -> Inputs:
+    """The first ``count`` samples of ``inputs``."""
+    return samples_at(inputs, slice(None, count))
+
+
+def samples_at(inputs: Inputs, index: Any) -> Inputs:
+    """The samples of ``inputs`` at ``index`` (a slice, a boolean mask) of the first axis."""
+    if isinstance(inputs, ModelInputs):
+        return inputs.map(lambda tensor: tensor[index])
+    return inputs[index]
+
+
+def moved_to(inputs: Inputs, device: torch.device) -> Inputs:
+    """``inputs`` on ``device``."""
+    if isinstance(inputs, ModelInputs):
+        return inputs.map(lambda tensor: tensor.to(device))
+    return inputs.to(device)
+
+
+def call_model(model: Callable[..., Any], inputs: Inputs) -> Any:
+    """``model(inputs)``, or ``model(*args, **kwargs)`` for ModelInputs."""
+    if isinstance(inputs, ModelInputs):
+        return model(*inputs.args, **inputs.kwargs)
+    return model(inputs)
+
+
+def logits_of(outputs: Any) -> Any:
+    """The prediction tensor of a model's outputs: a ModelOutput's or a dict's ``logits``
+    (HuggingFace's convention), anything else as it is (evaluation then checks that it is
+    one tensor: a tuple is never guessed at)."""
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), Tensor):
+        return outputs["logits"]
+    return outputs
+
+
+def run_model(model: Callable[..., Any], inputs: Inputs, module: nn.Module | None = None) -> Any:
+    """``model(inputs)`` (``model(*args, **kwargs)`` for ModelInputs), with an error that
+    names the input shape (or dtype) when the model rejects it; ``module`` is the nn.Module
+    behind ``model`` when that is a plain function."""
+    several = isinstance(inputs, ModelInputs)
     try:
-        return model(inputs)
+        return call_model(model, inputs)
     except TypeError as error:
-        if "positional argument" not in str(error):  # not the model's signature: its own bug
+        if "argument" not in str(error):  # not the model's signature: its own bug
             raise
+        if several:
+            raise ValueError(
+                f"the model cannot be called with the batch's inputs {inputs.describe()} "
+                f"({error}): a dict batch is passed as keyword arguments (all keys but "
+                "'labels', 'label', 'targets' and 'target'), a tuple input as positional ones; "
+                "reshape the batches with graphmerge.data.formatted(loader, function)"
+            ) from error
         raise ValueError(
             f"the model cannot be called with one input tensor ({error}); graphmerge feeds each "
-            "batch's input tensor (the first item of an (input, target) pair): wrap a model of "
-            "several inputs so that it takes one"
+            "batch's input tensor (the first item of an (input, target) pair): yield dicts of "
+            "keyword inputs, ((input1, input2), target) pairs, or reshape the batches with "
+            "graphmerge.data.formatted(loader, function)"
         ) from error
     except RuntimeError as error:
         module = module if module is not None else model
+        shown = (
+            inputs.describe()
+            if several
+            else f"of shape {tuple(inputs.shape)} and dtype {inputs.dtype}"
+        )
+        tensors = inputs.tensors() if several else [inputs]
         raise ValueError(
-            f"the model cannot run on inputs of shape {tuple(inputs.shape)} and dtype "
-            f"{inputs.dtype}: {error}. {input_hint(module, [inputs], error)}"
+            f"the model cannot run on inputs {shown}: {error}. {input_hint(module, tensors, error)}"
         ) from error
 
 

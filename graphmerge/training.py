@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 from graphmerge.batches import labelled_batches
 from graphmerge.checkpoints import load_checkpoint, save_checkpoint
 from graphmerge.evaluation import check_labels, evaluate
-from graphmerge.runtime import run_model, smallest_training_batch
+from graphmerge.runtime import (
+    logits_of,
+    moved_to,
+    run_model,
+    sample_count,
+    smallest_training_batch,
+)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -145,10 +151,10 @@ def _fit(
     for epoch in bar:
         loss_sum, correct, count = 0.0, 0, 0
         for step, (inputs, targets) in enumerate(labelled_batches(loader), start=1):
-            if inputs.shape[0] < smallest:
+            if sample_count(inputs) < smallest:
                 continue
-            inputs, targets = inputs.to(device), targets.to(device)
-            outputs = run_model(model, inputs)
+            inputs, targets = moved_to(inputs, device), targets.to(device)
+            outputs = logits_of(run_model(model, inputs))
             check_labels(outputs, targets)
             loss = F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
             if not torch.isfinite(loss):

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import state_hash
+from conftest import relative_error, state_hash
 
 import graphmerge as gm
 from graphmerge.matching_functions import registry
@@ -100,13 +100,19 @@ class TwoInputs(torch.nn.Module):
         return self.head(torch.relu(self.fc(x) + self.fc(y)))
 
 
-class TupleOutput(torch.nn.Module):
-    def __init__(self) -> None:
+class DictOutput(torch.nn.Module):
+    def __init__(self, key: str = "logits") -> None:
         super().__init__()
         self.fc = torch.nn.Linear(64, 10)
+        self.key = key
 
     def forward(self, x):
-        return {"logits": self.fc(x), "features": x}
+        return {self.key: self.fc(x), "features": x}
+
+
+class TupleOutput(DictOutput):
+    def forward(self, x):
+        return self.fc(x), x
 
 
 def collected_merger() -> gm.Merger:
@@ -153,10 +159,16 @@ CATALOGUE = [
      r"the loader yielded no batches: merging needs data"),
     ("only empty batches", lambda _: merge(data=[inputs()[:0]] * 2), ValueError,
      r"the loader yielded no samples: statistics need data"),
-    ("dict batches", lambda _: merge(data=[{"image": inputs(), "label": 0}]), ValueError,
-     r"the loader yields dicts \(keys 'image', 'label'\).*\(batch\['image'\], batch\['label'\]\)"),
+    ("dict batches the model does not take",
+     lambda _: merge(data=[{"image": inputs(), "label": 0}]), ValueError,
+     r"the example input \(image=\(8, 64\) float32\) does not fit MLP: .*unexpected keyword "
+     r"argument 'image'\. A dict batch is passed as keyword arguments .*"
+     r"graphmerge\.data\.formatted\(loader, function\)"),
+    ("dict batches of no tensor", lambda _: merge(data=[{"label": 0}]), ValueError,
+     r"the loader yields dicts \(keys 'label'\) without an input tensor"),
     ("batches of no tensor", lambda _: merge(data=[[1.0, 2.0]]), ValueError,
-     r"must yield input tensors or \(input, target\) pairs; got a batch of type list"),
+     r"must yield input tensors, \(input, target\) pairs or dicts of keyword inputs; got a "
+     r"batch of type list"),
     ("a tensor, not a loader", lambda _: merge(data=inputs()), TypeError,
      r"the loader is a single tensor of shape \(64, 64\).*pass \[tensor\] \(one batch\)"),
     ("not iterable", lambda _: merge(data=5), TypeError,
@@ -240,13 +252,14 @@ CATALOGUE = [
     ("two-input model, data method",
      lambda _: gm.Merger([TwoInputs(), TwoInputs()], example_input=(inputs(), inputs()))
      .collect([inputs()]), ValueError,
-     r"TwoInputs takes 2 input tensors, .* method='weight_matching', which needs no data"),
-    ("dict outputs evaluated",
-     lambda _: gm.evaluation.evaluate(TupleOutput(), [(inputs(), torch.zeros(64).long())]),
-     ValueError, r"the model returns a dict with keys 'logits', 'features', not one tensor"),
-    ("dict outputs in an ensemble",
+     r"the model cannot be called with one input tensor \(.*missing 1 required positional "
+     r"argument: 'y'\).*\(\(input1, input2\), target\) pairs"),
+    ("dict outputs without logits evaluated",
+     lambda _: gm.evaluation.evaluate(DictOutput("scores"), [(inputs(), torch.zeros(64).long())]),
+     ValueError, r"the model returns a dict with keys 'scores', 'features', not one tensor"),
+    ("tuple outputs in an ensemble",
      lambda _: gm.evaluation.Ensemble([TupleOutput(), TupleOutput()])(inputs()), ValueError,
-     r"the model returns a dict with keys 'logits', 'features', not one tensor"),
+     r"the model returns a tuple, not one tensor of \(batch, classes\) logits"),
     ("a text file named .pt", lambda tmp: gm.load_checkpoint(written(tmp / "t.pt", b"hello")),
      ValueError, r"t\.pt is not a readable PyTorch file \(KeyError"),
     ("a folder as checkpoint", lambda tmp: gm.load_checkpoint(written(tmp / "d.pt")),
@@ -343,3 +356,34 @@ def test_a_model_of_two_inputs_merges_by_weight_matching_on_a_tuple_example():
     merged = gm.Merger(models, example_input=(x, x), progress=False).merge("weight_matching")
     with torch.no_grad():
         assert merged.model(x, x).shape == (16, 2)
+
+
+def test_a_model_of_two_inputs_merges_by_data_methods_on_tuple_inputs():
+    a = TwoInputs()
+    x, y = inputs(16), inputs(16) + 1
+    graph = gm.graphs.trace(a, (x, y))
+    permuted = graph.permute(graph.random_permutations(3))
+    loader = [((x, y), torch.zeros(16).long()), ((x[:5], y[:5]), torch.zeros(5).long())]
+    merged = gm.merge([a, permuted], loader, method="permute", normalize="repair", progress=False)
+    with torch.no_grad():
+        assert relative_error(a(x, y), merged(x, y)) < 1e-5
+    assert gm.evaluation.evaluate(merged, loader)["num_samples"] == 21
+
+
+def test_dict_batches_feed_keyword_inputs_and_dict_outputs_give_their_logits():
+    model = DictOutput()
+    batches = [{"x": inputs(16), "labels": torch.arange(16) % 10}]
+    with torch.no_grad():
+        expected = (model.fc(inputs(16)).argmax(1) == batches[0]["labels"]).float().mean()
+    metrics = gm.evaluation.evaluate(model, batches)
+    assert metrics["accuracy"] == pytest.approx(expected.item())
+    ensemble = gm.evaluation.Ensemble([model, model])
+    assert torch.allclose(ensemble(x=inputs(4)), model.fc(inputs(4)))
+
+
+def test_formatted_loaders_turn_any_batch_into_the_models_arguments():
+    raw = [{"first": inputs(8), "second": inputs(8), "y": torch.arange(8) % 2}]
+    loader = gm.data.formatted(raw, lambda b: ((b["first"], b["second"]), {}, b["y"]))
+    assert gm.evaluation.evaluate(TwoInputs(), loader)["num_samples"] == 8
+    with pytest.raises(ValueError, match=r"must return \(args, kwargs, target\)"):
+        list(gm.data.formatted(raw, lambda b: (b["first"], b["y"])))

@@ -288,3 +288,27 @@ def test_plain_and_damaged_safetensors_files(tmp_path):
     with pytest.raises(ValueError, match="cannot store metadata in a safetensors header"):
         gm.save_checkpoint(model, tmp_path / "bad.safetensors", metadata={"model": model})
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_huggingface_folders_round_trip_and_replace_an_old_folder_whole(tmp_path, monkeypatch):
+    model = gm.graphs.randomize_statistics(gm.models.build("hf:gpt2", seed=0))  # tied weights
+    path = tmp_path / "gpt2"
+    gm.save_checkpoint(model, path, metadata={"classes": (0, 1)})
+    loaded = gm.load_checkpoint(path)
+    assert loaded.architecture == "hf:gpt2" and loaded.metadata == {"classes": (0, 1)}
+    assert_same_state(model, loaded.model)
+    other = gm.models.build("hf:gpt2", seed=1)
+
+    def failing(self, folder, **options):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(other), "save_pretrained", failing)
+    with pytest.raises(KeyboardInterrupt):
+        gm.save_checkpoint(other, path)
+    assert_same_state(model, gm.load_checkpoint(path).model)  # the old folder, whole
+    assert sorted(os.listdir(tmp_path)) == ["gpt2"]  # no staging folder left behind
+    monkeypatch.undo()
+    gm.save_checkpoint(other, path)
+    assert_same_state(other, gm.load_checkpoint(path).model)
+    assert sorted(os.listdir(tmp_path)) == ["gpt2"]

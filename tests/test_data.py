@@ -138,3 +138,21 @@ def test_spec_rebuilds_the_same_splits():
     again = gm.data.load(**splits.spec)
     assert again.classes == splits.classes and again.input_shape == splits.input_shape
     assert torch.equal(all_samples(again.test)[0], all_samples(splits.test)[0])
+
+
+def test_tokens_layout_gives_huggingface_dict_batches_of_pixel_intensities():
+    text = gm.data.digits(layout="tokens", batch_size=32, shuffle_train=False)
+    flat = gm.data.digits(layout="flat", batch_size=32, shuffle_train=False)
+    batch = next(iter(text.train))
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
+    assert batch["input_ids"].shape == (32, 65) and text.input_shape == (65,)
+    assert (batch["input_ids"][:, 0] == 17).all()  # [CLS]
+    pixels = batch["input_ids"][:, 1:]
+    assert pixels.min() >= 0 and pixels.max() == 16 and len(pixels.unique()) == 17
+    inputs, targets = next(iter(flat.train))
+    assert torch.equal(targets, batch["labels"])
+    assert torch.equal(batch["attention_mask"], torch.ones(32, 65, dtype=torch.long))
+    order = torch.argsort(inputs[0])  # the standardized pixels, in the tokens' order
+    assert (pixels[0][order].diff() >= 0).all()
+    bare = gm.data.digits(layout="tokens", cls_token=False)
+    assert bare.input_shape == (64,) and gm.data.input_shape(bare.spec) == (64,)

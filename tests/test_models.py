@@ -211,3 +211,29 @@ def test_the_vit_checks_its_sizes():
     assert gm.models.data_kwargs("vit", (1, 8, 8), 5) == {
         "num_classes": 5, "in_channels": 1, "image_size": 8,
     }  # fmt: skip
+
+
+def test_huggingface_and_timm_models_by_name_have_random_weights_and_a_spec():
+    bert = gm.models.build("hf:bert", num_classes=4, width_multiplier=2, seed=0)
+    assert type(bert).__name__ == "BertForSequenceClassification"
+    assert bert.config.hidden_size == 128 and bert.config.num_labels == 4
+    assert bert.config.vocab_size == 18  # the digit tokens 0..16 and [CLS]
+    assert gm.models.spec_of(bert).architecture == "hf:bert"
+    again = gm.models.build("hf:bert", num_classes=4, width_multiplier=2, seed=0)
+    assert_same_state(bert, again)
+    assert {f"hf:{name}" for name in ("bert", "gpt2", "vit")} <= set(gm.models.available())
+    vit = gm.models.build("hf:vit", seed=0)
+    assert vit(pixel_values=torch.randn(2, 1, 8, 8)).logits.shape == (2, 10)
+    resnet = gm.models.build("timm:resnet18", num_classes=3, in_channels=1, seed=0)
+    assert resnet(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+
+
+def test_unknown_huggingface_and_timm_names_are_refused_with_suggestions():
+    with pytest.raises(ValueError, match=r"unknown HuggingFace architecture 'bertt'.*hf:bert"):
+        gm.models.build("hf:bertt")
+    with pytest.raises(ValueError, match=r"unknown timm architecture 'resnet19'.*timm:resnet"):
+        gm.models.build("timm:resnet19")
+    with pytest.raises(ValueError, match=r"timm:resnet18 has no width multiplier"):
+        gm.models.build("timm:resnet18", width_multiplier=2)
+    with pytest.raises(ValueError, match="width_multiplier must be a finite number > 0"):
+        gm.models.build("hf:gpt2", width_multiplier=0)

@@ -22,6 +22,7 @@ README = ROOT / "README.md"
 # Sections (## headings) whose Python blocks share one process, in README order.
 GROUPS = {
     "api": ["Python API", "Checkpoints"],
+    "huggingface": ["HuggingFace and timm models"],
     "graphs": ["Model graphs"],
     "merging": ["Merging", "Matching functions", "Normalization after merging",
                 "Evaluation and comparison"],

@@ -94,8 +94,8 @@ def test_limits_and_bad_loaders():
         collect_statistics([a, b], graph, [], progress=False)
     with pytest.raises(ValueError, match="no samples"):
         collect_statistics([a, b], graph, [x[:0]], progress=False)
-    with pytest.raises(ValueError, match=r"the loader yields dicts \(keys 'x'\)"):
-        collect_statistics([a, b], graph, [{"x": x}], progress=False)
+    with pytest.raises(ValueError, match=r"the loader yields dicts \(keys 'label'\) without"):
+        collect_statistics([a, b], graph, [{"label": x}], progress=False)
     with torch.no_grad():
         b.layers.fc1.bias[0] = float("inf")
     with pytest.raises(FloatingPointError, match="non-finite features"):

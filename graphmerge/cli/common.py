@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from graphmerge.checkpoints import is_hf_folder
+
 DATASETS = ("digits", "cifar10", "cifar100")
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, FloatingPointError)
 
@@ -18,8 +20,11 @@ def check_output_file(out: Path, inputs: Sequence[Path] = ()) -> None:
     """``--out`` checked before any work: its folder exists, it is not a folder, not an input."""
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the folder {out.parent} does not exist")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder: give the file to write")
+    if out.is_dir() and not is_hf_folder(out):
+        raise ValueError(
+            f"--out {out} is a folder: give the file to write (a HuggingFace model is written "
+            "as a folder to a path without a suffix)"
+        )
     for path in inputs:
         if path.exists() and out.exists() and out.resolve() == path.resolve():
             raise ValueError(f"--out {out} is one of the input checkpoints: choose a new file")

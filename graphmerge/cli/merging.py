@@ -14,6 +14,7 @@ import torch
 import graphmerge
 from graphmerge import comparison, distributed, matching_functions, normalization, plots
 from graphmerge._atomic import atomic_files
+from graphmerge.batches import batch_inputs
 from graphmerge.checkpoints import save_checkpoint
 from graphmerge.cli.common import (
     HelpFormatter,
@@ -300,7 +301,7 @@ def _collect(
     device: str | None = None,
 ) -> Merger:
     """Trace, check the scopes, then one statistics pass if a method needs it."""
-    example = next(iter(loaders.statistics))[0]
+    example = batch_inputs(next(iter(loaders.statistics)))
     merger = Merger(sources.models, example_input=example, progress=not args.quiet,
                     device=device)  # fmt: skip
     for scope in scopes:

@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader
 
 from graphmerge import data as gm_data
 from graphmerge import distributed, models
-from graphmerge.checkpoints import is_checkpoint, load_state_dict_strictly, read_file, rebuild
+from graphmerge.checkpoints import (
+    is_checkpoint,
+    is_hf_folder,
+    load_state_dict_strictly,
+    read_file,
+    rebuild,
+)
 from graphmerge.cli.common import add_architecture_options, parse_widths, positive_int
 from graphmerge.recipes import recipe_for
 
@@ -94,7 +100,7 @@ def load_sources(args: argparse.Namespace, minimum: int = 2) -> Sources:
     if len(paths) < minimum:
         raise ValueError(f"give at least {minimum} checkpoints, got {len(paths)}")
     for path in paths:
-        if not path.is_file():
+        if not path.is_file() and not is_hf_folder(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
     loaded = [load_one(path, args) for path in paths]
     first = loaded[0]
@@ -144,7 +150,7 @@ def load_one(path: Path, args: argparse.Namespace) -> Loaded:
             data_spec = _recipe_data(checkpoint.architecture, args)
         classes = checkpoint.metadata.get("classes", data_spec.get("classes"))
         if classes is None or data_spec.get("remap_labels") is False:
-            classes = range(checkpoint.kwargs.get("num_classes", gm_data.DIGITS_NUM_CLASSES))
+            classes = range(_num_classes(checkpoint.kwargs))
         return Loaded(
             checkpoint.model, spec, list(classes), _without_classes(data_spec),
             checkpoint.metadata,
@@ -181,6 +187,14 @@ def _recipe_data(architecture: str, args: argparse.Namespace) -> dict[str, Any]:
         "remap_labels": True,
         "batch_size": 64,
     }
+
+
+def _num_classes(kwargs: dict[str, Any]) -> int:
+    """The outputs a checkpoint's architecture arguments give (a HuggingFace config's labels)."""
+    config = kwargs.get("config")
+    if isinstance(config, dict) and isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    return kwargs.get("num_classes", gm_data.DIGITS_NUM_CLASSES)
 
 
 def _without_classes(spec: dict[str, Any]) -> dict[str, Any]:

@@ -72,8 +72,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     optimisation.add_argument(
         "--optimizer",
         choices=training.OPTIMIZERS,
-        default="sgd",
-        help="SGD with Nesterov momentum 0.9, or Adam",
+        help="SGD with Nesterov momentum 0.9, or Adam (default: recipe, sgd for CNNs)",
     )
     optimisation.add_argument(
         "--lr", type=positive_number, help="peak learning rate (default: recipe)"
@@ -106,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
     model = models.build(args.model, seed=args.seed, **model_kwargs)
     hyper = dict(
         epochs=recipe["epochs"] if args.epochs is None else args.epochs,
-        optimizer=args.optimizer,
+        optimizer=args.optimizer or recipe.get("optimizer", "sgd"),
         lr=recipe["lr"] if args.lr is None else args.lr,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
@@ -139,7 +138,9 @@ def _load_training_data(args: argparse.Namespace, recipe: dict[str, Any]) -> gm_
     if args.data == "digits":
         image = recipe["layout"] == "image"
         if not image and (args.image_size is not None or args.channels is not None):
-            raise ValueError("--image-size and --channels apply to image models, not to mlp")
+            raise ValueError(
+                f"--image-size and --channels apply to image models, not to {args.model}"
+            )
         return gm_data.digits(
             layout=recipe["layout"],
             image_size=recipe["image_size"] if args.image_size is None else args.image_size,

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from graphmerge.evaluation.metrics import check_tensor_output
+from graphmerge.runtime import logits_of
 
 OUTPUTS = ("average", "concat")
 
@@ -43,8 +44,8 @@ class Ensemble(nn.Module):
         self.output = output
         self.weights = None if weights is None else [float(w) for w in weights]
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        outputs = [member(inputs) for member in self.members]
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        outputs = [logits_of(member(*args, **kwargs)) for member in self.members]
         for output in outputs:
             check_tensor_output(output)
         if self.output == "concat":

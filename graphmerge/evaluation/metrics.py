@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphmerge.batches import labelled_batches
-from graphmerge.runtime import evaluating, model_device, run_model
+from graphmerge.runtime import evaluating, logits_of, model_device, moved_to, run_model
 
 
 def check_logits(outputs: Tensor, targets: Tensor) -> None:
@@ -39,8 +39,8 @@ def check_tensor_output(outputs: object) -> None:
         keys = f" with keys {', '.join(map(repr, outputs))}" if isinstance(outputs, dict) else ""
         raise ValueError(
             f"the model returns a {kind}{keys}, not one tensor of (batch, classes) logits: "
-            "evaluation and ensembles read logits; wrap the model so that it returns them "
-            "(e.g. its first output, or output['logits'])"
+            "evaluation and ensembles read logits (a tensor, or a dict's or ModelOutput's "
+            "'logits'); wrap the model so that it returns them (e.g. its first output)"
         )
 
 
@@ -83,8 +83,8 @@ def evaluate(
     task_count = [0] * len(columns or [])
     with evaluating(model):
         for inputs, targets in labelled_batches(loader):
-            inputs, targets = inputs.to(device), targets.to(device)
-            outputs = run_model(model, inputs)
+            inputs, targets = moved_to(inputs, device), targets.to(device)
+            outputs = logits_of(run_model(model, inputs))
             check_logits(outputs, targets)
             loss_sum += F.cross_entropy(outputs, targets, reduction="sum").item()
             correct += (outputs.argmax(dim=1) == targets).sum().item()

@@ -33,7 +33,7 @@ from graphmerge.graphs.spaces import (
     SpaceFinder,
     Value,
 )
-from graphmerge.runtime import evaluating
+from graphmerge.runtime import ModelInputs, call_model, evaluating, example_inputs
 
 # Where a space's features are read, from most to least preferred: pre-activation
 # values (a residual sum, a norm output, a layer output) keep the sign information a
@@ -212,6 +212,8 @@ class ModelGraph:
         self.concatenations = concatenations
         self.source = source
         self.module = module
+        # The tracer of a traced graph ("fx" or "export"), None for a built one.
+        self.tracer: str | None = None
         self.aliases = tensor_aliases(model)
         self.param_axes: dict[str, list[tuple[str, ParamAxis]]] = defaultdict(list)
         for space in spaces:
@@ -322,7 +324,7 @@ class ModelGraph:
 
     def check_symmetries(
         self,
-        example_input: Tensor | tuple[Tensor, ...],
+        example_input: Tensor | tuple[Tensor, ...] | dict | ModelInputs,
         trials: int = 3,
         seed: int = 0,
         relative: bool = False,
@@ -342,7 +344,7 @@ class ModelGraph:
         """
         if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
             raise ValueError(f"trials must be a positive integer, got {trials!r}")
-        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        inputs = example_inputs(example_input)
         reference = _outputs(self.model, inputs)
         worst = 0.0
         for trial in range(trials):
@@ -391,9 +393,9 @@ def _partition(graph: ModelGraph) -> set[frozenset[tuple[str, int, str, int]]]:
     }
 
 
-def _outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:
+def _outputs(model: nn.Module, inputs: ModelInputs) -> list[Tensor]:
     with evaluating(model), torch.no_grad():
-        result = model(*inputs)
+        result = call_model(model, inputs)
     return [t.detach().double() for t in _tensors(result)]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 ACTIVATION_NAMES = frozenset(
@@ -89,6 +90,16 @@ BINARY_NAMES = frozenset(
         "itruediv",
         "addcmul",
         "addcdiv",
+        "pow",
+        "where",
+        "gt",
+        "lt",
+        "ge",
+        "le",
+        "eq",
+        "ne",
+        "minimum",
+        "maximum",
     }
 )
 # Normalizations over axis 1 with per-channel statistics and affine (F.layer_norm apart).
@@ -136,9 +147,27 @@ TRANSPARENT_NAMES = frozenset({"permute", "transpose", "contiguous", "clone"})
 METADATA_NAMES = frozenset({"size", "dim", "numel", "getattr"})
 
 
+# aten ops (torch.export's graphs) under the name of the torch function they are.
+ATEN_NAMES = {
+    "_softmax": "softmax",
+    "_log_softmax": "log_softmax",
+    "_unsafe_view": "view",
+    "_to_copy": "to",
+    "alias": "identity",
+    "lift_fresh_copy": "clone",
+    "swapaxes": "swapaxes",
+}
+
+
 def name_of(target: Any) -> str:
-    """The vocabulary's name of an fx node target (a function, a method name, a string)."""
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    """The vocabulary's name of an fx node target (a function, a method name, a string, an
+    aten op: "aten.add.Tensor" is "add")."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        name = target.overloadpacket.__name__
+        return ATEN_NAMES.get(name, name)
+    return getattr(target, "__name__", str(target))
 
 
 PRODUCER_NAMES = frozenset({"linear"})  # functions that write a new space (F.linear)

@@ -8,6 +8,7 @@ spaces it touches, with the reason recorded: a wrong graph is never guessed.
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from graphmerge.fold import state_tensors, tensor_aliases
 from graphmerge.graphs import heads as attention_heads
 from graphmerge.graphs import parameters
+from graphmerge.graphs.export import ExportError, exported_module
 from graphmerge.graphs.layers import (
     FunctionCall,
     LayerCall,
@@ -52,7 +54,7 @@ from graphmerge.graphs.operations import (
 from graphmerge.graphs.parameters import FromParameters
 from graphmerge.graphs.shapes import broadcast_axis, indexed_axis
 from graphmerge.graphs.spaces import Channels, Heads, Several, SpaceFinder, Unknown, Value
-from graphmerge.runtime import evaluating, input_hint
+from graphmerge.runtime import ModelInputs, evaluating, example_inputs, input_hint
 
 
 class GraphTraceError(ValueError):
@@ -76,8 +78,21 @@ HOOKED_NORMS = {
 }
 
 
-def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> ModelGraph:
-    """Trace ``model`` with torch.fx on ``example_input`` and find its spaces.
+TRACERS = ("auto", "fx", "export")
+
+
+def trace(
+    model: nn.Module,
+    example_input: Tensor | tuple[Tensor, ...] | dict[str, Any] | ModelInputs,
+    tracer: str = "auto",
+) -> ModelGraph:
+    """Trace ``model`` on ``example_input`` and find its spaces.
+
+    ``example_input`` is one tensor, a tuple of positional input tensors, a dict of keyword
+    inputs (``input_ids``, ``attention_mask``, ``pixel_values``) or a ModelInputs.
+    ``tracer``: "fx" (torch.fx's symbolic tracer), "export" (torch.export's aten graph: it
+    captures what torch.fx cannot, HuggingFace models among them) or "auto" (fx first,
+    export where fx fails). Both give the same spaces and use the same layer rules.
 
     The model is traced and run in eval mode without gradients (its modes are
     restored, its weights and buffers are not touched). Whatever goes wrong on the way
@@ -92,21 +107,72 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Model
         >>> graph.check_symmetries(torch.randn(2, 1, 8, 8)) < 1e-4
         True
     """
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {', '.join(map(repr, TRACERS))}, got {tracer!r}")
     check_plain_model(model)
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        inputs = example_inputs(example_input)
+    except TypeError as error:
+        raise GraphTraceError(str(error)) from error
     with evaluating(model), torch.no_grad():
-        module = _symbolic_trace(model)
-        _propagate_shapes(module, model, inputs)
+        _check_runs(model, inputs)
+        module, used = _captured(model, inputs, tracer)
     walker = _Walker(module, set(state_tensors(model)), tensor_aliases(model))
     for node in module.graph.nodes:
         walker.visit(node, model)
     try:
-        return walker.recorder.finish(model, source="traced", module=module)
+        graph = walker.recorder.finish(model, source="traced", module=module)
     except Exception as error:
         raise GraphTraceError(
             f"graphmerge could not build the graph of {type(model).__name__}: "
             f"{type(error).__name__}: {error}. {TRACE_HINT}"
         ) from error
+    graph.tracer = used
+    return graph
+
+
+def _captured(model: nn.Module, inputs: ModelInputs, tracer: str) -> tuple[fx.GraphModule, str]:
+    """The model's fx graph with shapes by ``tracer``, and the tracer that made it."""
+    if tracer == "export":
+        return _exported(model, inputs), "export"
+    try:
+        module = _symbolic_trace(model)
+        _propagate_shapes(module, model, inputs)
+        return module, "fx"
+    except GraphTraceError as fx_error:
+        if tracer == "fx":
+            raise
+        try:
+            return _exported(model, inputs), "export"
+        except GraphTraceError as export_error:
+            raise GraphTraceError(
+                f"neither tracer captures {type(model).__name__}. {_without_hint(fx_error)}; "
+                f"and {_without_hint(export_error)}. {TRACE_HINT}"
+            ) from export_error
+
+
+def _without_hint(error: GraphTraceError) -> str:
+    return str(error).replace(f". {TRACE_HINT}", "").replace(TRACE_HINT, "").rstrip(". ")
+
+
+def _exported(model: nn.Module, inputs: ModelInputs) -> fx.GraphModule:
+    try:
+        module = exported_module(model, inputs)
+    except ExportError as error:
+        cause = error.__cause__ or error
+        raise GraphTraceError(
+            f"torch.export cannot capture {type(model).__name__}: {type(cause).__name__}: "
+            f"{_first_line(cause)}{_model_line(cause)}. {TRACE_HINT}"
+        ) from error
+    try:
+        ShapeProp(module).propagate(*inputs.args, *inputs.kwargs.values())
+    except Exception as error:  # the exported code differs from the model's
+        cause = error.__cause__ or error
+        raise GraphTraceError(
+            f"the exported graph of {type(model).__name__} fails where the model runs: "
+            f"{_first_line(error)}: {type(cause).__name__}: {_first_line(cause)}. {TRACE_HINT}"
+        ) from error
+    return module
 
 
 def check_plain_model(model: nn.Module, label: str = "the model") -> None:
@@ -172,18 +238,35 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
         ) from error
 
 
-def _propagate_shapes(module: fx.GraphModule, model: nn.Module, inputs: tuple) -> None:
-    try:  # the plain model first: its error is short and to the point
-        model(*inputs)
+def _check_runs(model: nn.Module, inputs: ModelInputs) -> None:
+    """The plain model on the example first: its error is short and to the point."""
+    try:
+        model(*inputs.args, **inputs.kwargs)
     except Exception as error:
-        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))
-        shapes = shapes if len(inputs) == 1 else f"({shapes})"
+        tensors = inputs.tensors()
+        if inputs.kwargs or len(inputs.args) != len(tensors):
+            shapes = inputs.describe()
+        else:
+            shapes = ", ".join(str(tuple(x.shape)) for x in tensors)
+            shapes = shapes if len(tensors) == 1 else f"({shapes})"
+        hint = input_hint(model, tensors, error)
+        if isinstance(error, TypeError) and "argument" in str(error):
+            hint = (
+                "A dict batch is passed as keyword arguments (every key but 'labels', 'label', "
+                "'targets' and 'target'), a tuple input as positional ones; reshape the "
+                "batches with graphmerge.data.formatted(loader, function)."
+            )
         raise GraphTraceError(
             f"the example input {shapes} does not fit {type(model).__name__}: "
-            f"{_first_line(error)}{_model_line(error)}. {input_hint(model, inputs, error)}"
+            f"{_first_line(error)}{_model_line(error)}. {hint}"
         ) from error
+
+
+def _propagate_shapes(module: fx.GraphModule, model: nn.Module, inputs: ModelInputs) -> None:
     try:
-        ShapeProp(module).propagate(*inputs)
+        bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+        bound.apply_defaults()
+        ShapeProp(module).propagate(*bound.arguments.values())
     except Exception as error:  # the traced code differs from the model's (fx wraps the node)
         cause = error.__cause__ or error
         raise GraphTraceError(
@@ -219,6 +302,11 @@ def _shapes(node: fx.Node) -> list[tuple[int, ...]]:
         return []
     shapes = [getattr(item, "shape", None) for item in meta]
     return [tuple(shape) for shape in shapes] if all(s is not None for s in shapes) else []
+
+
+def _floating(node: fx.Node) -> bool:
+    dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+    return dtype is None or dtype.is_floating_point or dtype.is_complex
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -270,7 +358,7 @@ class _Walker:
 
     def _placeholder(self, node: fx.Node) -> tuple[Value, NodeKind, str]:
         shape = _shape(node)
-        if shape is None:
+        if shape is None or not _floating(node):  # token ids, masks: no channels
             return None, NodeKind.INPUT, ""
         width = shape[1] if len(shape) > 1 else 1
         return self.finder.input_channels(width), NodeKind.INPUT, ""
@@ -289,6 +377,8 @@ class _Walker:
         if shape is None:
             return None, NodeKind.FUNCTION, "parameter"
         name = str(node.target)
+        if name in self.tensor_names and not _floating(node):
+            return None, NodeKind.FUNCTION, "parameter"  # index tables, position ids
         if name in self.tensor_names:
             return FromParameters.of(name, shape), NodeKind.FUNCTION, "parameter"
         reason = (
@@ -363,6 +453,8 @@ class _Walker:
             if name in SPLIT_NAMES and _shapes(node):
                 return self._split(node, name)
             return self._non_tensor(node)
+        if all(self._value(arg) is None for arg in node.all_input_nodes):
+            return None  # made of tensors without channels (masks, position ids) or of none
         operands = self._operands(node, name)
         if name == "getitem":
             return self._getitem(node)
@@ -383,6 +475,8 @@ class _Walker:
             return self._functional_norm(node, name, first)
         if name == "cat":
             return self._cat(node)
+        if name == "index" and isinstance(first, Channels):
+            return self._index(node, first)
         if len(operands) > 1:  # everything below reads one tensor: a second one would be lost
             if name in ONE_OPERAND_NAMES or target in SPATIAL_FUNCTIONS:
                 return self._unknown(node, f"{name} at {node.name} with several tensor operands")
@@ -514,10 +608,13 @@ class _Walker:
         out_shape = _shape(node) or ()
         joined: list[Value] = []
         params: list[FromParameters] = []
+        plain: list[tuple[int, ...]] = []  # shapes of tensors without channels (masks, ids)
         for arg in (*node.args, *node.kwargs.values()):
             if not isinstance(arg, fx.Node) or _shape(arg) is None:
                 continue
             value = self._value(arg)
+            if value is None:
+                plain.append(_shape(arg))
             if isinstance(value, FromParameters):
                 params.append(value.aligned(len(out_shape)))
             elif isinstance(value, Channels) and value.axis is not None:
@@ -536,6 +633,12 @@ class _Walker:
         if len(axes) > 1:
             return self._unknown(node, f"{node.name} combines channels on different axes")
         out = self.finder.join(joined, node.name)
+        if isinstance(out, Channels) and out.axis is not None:
+            for shape in plain:
+                axis = out.axis - (len(out_shape) - len(shape))  # the axis in the plain tensor
+                if 0 <= axis < len(shape) and shape[axis] > 1:
+                    reason = f"{node.name} combines them with a tensor that varies along them"
+                    self.finder.freeze_value(out, reason)
         for value in params:
             if isinstance(out, Channels) and out.axis is not None:
                 self._along_channels(value, out.axis, out, node.name)
@@ -590,6 +693,16 @@ class _Walker:
                 return self._unknown(node, f"{node.name} slices channels inside a space")
             value = kept
         return value.moved(axis)
+
+    def _index(self, node: fx.Node, value: Channels) -> Value:
+        """aten.index (``x[rows, cols]`` with index tensors, as torch.export writes it):
+        channels after every indexed axis pass, at the same distance from the end."""
+        indices = node.args[1] if len(node.args) > 1 else ()
+        indexed = [axis for axis, index in enumerate(indices) if index is not None]
+        plain = all(self._value(i) is None for i in indices if isinstance(i, fx.Node))
+        if value.axis is None or not plain or not indexed or value.axis <= max(indexed):
+            return self._unknown(node, f"{node.name} indexes the channel axis")
+        return value.moved(value.axis - self._ndim(node.args[0]) + len(_shape(node) or ()))
 
     def _heads_item(self, node: fx.Node, value: Heads, index: Any) -> Value:
         """``qkv[i]`` of packed heads (q, k, v along the leading parts axis)."""
@@ -678,7 +791,8 @@ class _Walker:
 
     def _heads_function(self, node: fx.Node, name: str, operands: list) -> Value:
         """An op on heads (see ``graphs.heads``): followed where attention does it, else the
-        heads are frozen."""
+        heads are frozen. A per-head bias added to the logits (T5's relative attention bias,
+        written by a layer along the heads' axis) joins the heads' block index."""
         first = operands[0] if operands else None
         found: Value | str = f"{name} of attention heads"
         tensors = [v for v in operands if isinstance(v, Heads)]
@@ -692,26 +806,49 @@ class _Walker:
             found = first.moved({old: new for new, old in enumerate(order)})
         elif name in ELEMENTWISE_NAMES and len(operands) == 1:
             found = first
-        elif name in BINARY_NAMES and len(tensors) == 1 and plain:
-            found = tensors[0]
+        elif name in BINARY_NAMES and len(tensors) == 1:
+            if plain or self._head_biases(node, tensors[0], node.all_input_nodes):
+                found = tensors[0]
         elif name in ("matmul", "bmm") and len(tensors) == 2 and not others:
             a, b = tensors
             if a.inner_axis == ndim - 1 and b.inner_axis == ndim - 2:
                 found = attention_heads.attention_scores(self.finder, a, b, self._origin(a))
             elif a.inner_axis is None:
                 found = attention_heads.attended(self.finder, a, b, ndim - 1)
-        elif name == "scaled_dot_product_attention" and len(tensors) == 3 and plain:
+        elif name == "scaled_dot_product_attention" and len(tensors) == 3:
             q, k, v = tensors
             if q.inner_axis == k.inner_axis == v.inner_axis == ndim - 1:
                 scores = attention_heads.attention_scores(self.finder, q, k, self._origin(q))
-                found = (
-                    attention_heads.attended(self.finder, scores, v, ndim - 1)
-                    if isinstance(scores, Heads)
-                    else scores
-                )
+                masks = [n for n in node.all_input_nodes if not isinstance(self._value(n), Heads)]
+                if isinstance(scores, Heads) and (plain or self._head_biases(node, scores, masks)):
+                    found = attention_heads.attended(self.finder, scores, v, ndim - 1)
+                elif not isinstance(scores, Heads):
+                    found = scores
         if isinstance(found, str):
             return self._unknown(node, f"{node.name} {found}")
         return found
+
+    def _head_biases(self, node: fx.Node, scores: Heads, args: list[fx.Node]) -> bool:
+        """Whether every tensor of ``args`` that carries channels is a bias per head of the
+        attention logits ``scores`` (one space as wide as the heads, on their axis); those
+        spaces join the heads' block index (only the head permutation moves them)."""
+        if scores.inner_axis is not None or scores.index is None:
+            return False
+        biases = []
+        for arg in args:
+            value = self._value(arg)
+            if value is None or isinstance(value, Heads):
+                continue
+            if not isinstance(value, Channels) or value.axis is None:
+                return False
+            segments = self.finder.expand(value).segments
+            axis = broadcast_axis(self._ndim(arg), len(_shape(node) or ()), value.axis)
+            if axis != scores.head_axis or len(segments) != 1 or segments[0].width != scores.heads:
+                return False
+            biases.append(segments[0].element)
+        for element in biases:
+            self.finder.union(element, scores.index)
+        return True
 
     def _origin(self, heads: Heads) -> str:
         """The layer the heads' queries come from (a packed projection's, without the slice)."""

@@ -34,6 +34,15 @@ from graphmerge.models.torchvision_models import (
 )
 from graphmerge.models.vgg import VGG, VGG_CONFIGS, vgg
 from graphmerge.models.vit import ViT
+from graphmerge.models.zoo import (
+    HF_BUILDERS,
+    HF_CONFIG,
+    HF_PREFIX,
+    TIMM_PREFIX,
+    hf_builder,
+    hf_from_config,
+    timm_builder,
+)
 
 TORCHVISION_PREFIX = "torchvision:"
 SPEC_ATTRIBUTE = "graphmerge_spec"
@@ -43,6 +52,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vgg": vgg,
     "resnet20": resnet20,
     "vit": ViT,
+    HF_CONFIG: hf_from_config,
 }
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     f"vgg{depth}": ("vgg", {"depth": depth}) for depth in VGG_CONFIGS
@@ -62,7 +72,8 @@ class ModelSpec:
 
 def available(include_torchvision: bool = True) -> list[str]:
     """Names ``build`` accepts; torchvision ones carry the ``torchvision:`` prefix."""
-    names = sorted([*_BUILDERS, *_ALIASES])
+    names = sorted([*(set(_BUILDERS) - {HF_CONFIG}), *_ALIASES])
+    names += [HF_PREFIX + name for name in HF_BUILDERS]
     if include_torchvision:
         names += [TORCHVISION_PREFIX + name for name in torchvision_names()]
     return names
@@ -72,8 +83,11 @@ def build(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
     """Build the architecture ``name`` with ``kwargs``; ``seed`` fixes the random initialisation.
 
     Names: ``mlp``, ``vgg`` (or ``vgg11``/``vgg13``/``vgg16``/``vgg19``), ``resnet20``,
-    ``vit`` (a small vision transformer), and ``torchvision:<name>`` for any torchvision
-    classification model.
+    ``vit`` (a small vision transformer), ``torchvision:<name>`` for any torchvision
+    classification model, ``timm:<name>`` for any timm model and ``hf:bert``,
+    ``hf:roberta``, ``hf:distilbert``, ``hf:gpt2`` (small text classifiers of
+    HuggingFace transformers, 2 layers of width 64 and 4 heads by default, over the digit
+    tokens) and ``hf:vit``; all with random weights, never a download.
     The global RNG is left as it was when ``seed`` is given.
 
     Example:
@@ -111,8 +125,12 @@ def data_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> di
         kwargs["input_dim"] = math.prod(input_shape)
     elif architecture in ("vgg", "resnet20"):
         kwargs["in_channels"] = input_shape[0]
-    elif architecture == "vit":
+    elif architecture in ("vit", f"{HF_PREFIX}vit"):
         kwargs["in_channels"], kwargs["image_size"] = input_shape[0], input_shape[-1]
+    elif architecture.startswith(TIMM_PREFIX):
+        kwargs["in_channels"] = input_shape[0]
+    elif architecture.startswith(HF_PREFIX):
+        kwargs["max_length"] = max(input_shape[-1], 8)
     return kwargs
 
 
@@ -143,14 +161,19 @@ def _resolve(
     if name.startswith(TORCHVISION_PREFIX):
         tv_name = check_torchvision_name(name.removeprefix(TORCHVISION_PREFIX))
         return name, _torchvision_builder(tv_name), kwargs
+    if name.startswith(HF_PREFIX):
+        return name, hf_builder(name.removeprefix(HF_PREFIX)), kwargs
+    if name.startswith(TIMM_PREFIX):
+        return name, timm_builder(name.removeprefix(TIMM_PREFIX)), kwargs
     choices = available(include_torchvision=False)
     close = difflib.get_close_matches(name, choices, n=3)
     if name in torchvision_names():
         close = [TORCHVISION_PREFIX + name]
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
-        f"unknown model {name!r}.{hint} Known: {', '.join(choices)}, and torchvision:<name> "
-        "for torchvision classification models (see graphmerge.models.available())"
+        f"unknown model {name!r}.{hint} Known: {', '.join(choices)}, torchvision:<name> "
+        "for torchvision classification models and timm:<name> for timm models (see "
+        "graphmerge.models.available())"
     )
 
 

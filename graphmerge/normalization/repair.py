@@ -38,7 +38,7 @@ from graphmerge.normalization.registry import (
     register,
 )
 from graphmerge.results import MergeResult
-from graphmerge.runtime import copy_model, model_device, on_device
+from graphmerge.runtime import copy_model, first_samples, model_device, moved_to, on_device
 from graphmerge.statistics import ChannelMoments, ReadPoint, collect_moments
 from graphmerge.weighting import model_weights, reweighted
 
@@ -195,7 +195,9 @@ def renormalize(
     references = on_device(references, device)
     loader = _replayable(loader)
     if graph is None:
-        graph = trace(references[0], _example(loader)[:EXAMPLE_BATCH].to(device))
+        graph = trace(
+            references[0], moved_to(first_samples(_example(loader), EXAMPLE_BATCH), device)
+        )
     names = list(matches) if matches is not None else [s.name for s in graph.mergeable_spaces]
     count = len(references)
     weight = None if weights is None else model_weights(weights, count)

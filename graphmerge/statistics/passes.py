@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from graphmerge import distributed
 from graphmerge.batches import input_batches
 from graphmerge.graphs import ModelGraph, Space
-from graphmerge.runtime import evaluating, model_device, on_device
+from graphmerge.runtime import evaluating, model_device, moved_to, on_device, sample_count
 from graphmerge.statistics.accumulators import ChannelMoments, SpaceStatistics
 from graphmerge.statistics.reader import FeatureReader, ReadPoint
 
@@ -52,10 +52,10 @@ class DataPass:
 
     def __iter__(self) -> Iterator[Tensor]:
         for inputs in input_batches(self.loader, *self.limits):
-            if inputs.shape[0] < self.smallest:
+            if sample_count(inputs) < self.smallest:
                 continue
-            self.samples += inputs.shape[0]
-            yield inputs.to(self.device)
+            self.samples += sample_count(inputs)
+            yield moved_to(inputs, self.device)
 
     def check_samples(self, need: str) -> None:
         """A clear error, on every process alike, when no process saw a sample."""

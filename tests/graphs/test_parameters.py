@@ -224,11 +224,17 @@ class HuggingFaceLike(nn.Module):
 
 def test_errors_of_model_code_while_tracing_become_graph_trace_errors():
     with pytest.raises(GraphTraceError) as error:
-        trace(HuggingFaceLike(), torch.randn(2, 4))
+        trace(HuggingFaceLike(), torch.randn(2, 4), tracer="fx")
     message = str(error.value)
     assert message.startswith("torch.fx cannot trace HuggingFaceLike: ValueError: You cannot")
     assert "test_parameters.py:" in message and "in forward: raise ValueError" in message
     assert "GraphBuilder" in message
+
+
+def test_auto_tracing_falls_back_to_torch_export_where_fx_fails():
+    graph = trace(HuggingFaceLike(), torch.randn(2, 4))
+    assert graph.tracer == "export" and graph.coverage == 1.0
+    assert trace(Untracked(lambda m, a, b: a + b), inputs(2, 3, 4, 4)).tracer == "fx"
 
 
 def test_a_failure_while_following_a_node_names_the_node(monkeypatch):

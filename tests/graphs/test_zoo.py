@@ -74,7 +74,49 @@ def test_timm_convnext_with_random_layer_scales_merges_a_permuted_copy_back():
         assert relative_error(model(x), merged(x)) < 1e-4
 
 
-def test_untraceable_zoo_models_are_refused_with_a_graph_trace_error():
-    model = build("timm", "mobilevit_xxs", {})
-    with pytest.raises(GraphTraceError, match=r"ByobNet.*mobilevit\.py:\d+ in forward"):
-        trace(model, torch.randn(1, 3, 64, 64))
+class ShapeDependent(torch.nn.Module):
+    """timm's vgg11_bn and mobilevit branch on sizes like this, which torch.fx cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.norm(self.conv(x)).relu()
+        if x.shape[-1] > 4:
+            x = torch.nn.functional.max_pool2d(x, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_models_fx_refuses_are_traced_by_torch_export_and_exact():
+    model = randomize_statistics(ShapeDependent())
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(GraphTraceError, match=r"torch\.fx cannot trace ShapeDependent"):
+        trace(model, x, tracer="fx")
+    graph = trace(model, x)
+    assert graph.tracer == "export" and graph.coverage == 1.0
+    assert [s.name for s in graph.mergeable_spaces] == ["conv"]
+    assert graph.check_symmetries(x, relative=True) < 1e-5
+    permuted = graph.permute(graph.random_permutations(1))
+    merged = gm.merge([model, permuted], [x, x[:3]], method="permute", progress=False)  # any size
+    assert relative_error(merged.eval()(x), model.eval()(x)) < 1e-5
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_models_neither_tracer_captures_are_refused_with_both_causes():
+    with pytest.raises(GraphTraceError) as error:
+        trace(DataDependent(), torch.randn(2, 4))
+    message = str(error.value)
+    assert message.startswith("neither tracer captures DataDependent. torch.fx cannot trace")
+    assert "and torch.export cannot capture DataDependent" in message
+    assert "test_zoo.py:" in message and "GraphBuilder" in message

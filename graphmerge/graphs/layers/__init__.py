@@ -29,6 +29,7 @@ from graphmerge.graphs.layers import (  # noqa: F401
     attention,
     dense,
     elementwise,
+    huggingface,
     norms,
     transformer,
     windows,
