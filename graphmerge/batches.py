@@ -26,6 +26,7 @@ from graphmerge.runtime import (
     Inputs,
     ModelInputs,
     check_positive_int,
+    example_inputs,
     first_samples,
     sample_count,
 )
@@ -73,13 +74,15 @@ def labelled_batches(loader: Iterable) -> Iterator[tuple[Inputs, Tensor]]:
 
 
 def call_inputs(value: object) -> Inputs | None:
-    """``value`` as the inputs of one model call (None when it is not one)."""
+    """``value`` as the inputs of one model call (None when it is not one): a tensor as it
+    is, a dict or a tuple of tensors by ``runtime.example_inputs``."""
     if isinstance(value, (Tensor, ModelInputs)):
         return value
-    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
-        return ModelInputs(kwargs=dict(value))
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
-        return ModelInputs(args=tuple(value))
+    several = (
+        isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value)
+    )
+    if several or (isinstance(value, Mapping) and all(isinstance(key, str) for key in value)):
+        return example_inputs(value)
     return None
 
 

@@ -28,6 +28,7 @@ from graphmerge.runtime import (
     call_model,
     evaluating,
     example_inputs,
+    first_samples,
     model_device,
     moved_to,
     on_device,
@@ -383,7 +384,7 @@ def _placed(example: object, device: torch.device) -> ModelInputs:
 
 
 def _first_samples(inputs: ModelInputs) -> ModelInputs:
-    return inputs.first(EXAMPLE_BATCH)
+    return first_samples(inputs, EXAMPLE_BATCH)
 
 
 def _check_runs(model: nn.Module, example: ModelInputs) -> None:
