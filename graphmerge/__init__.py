@@ -29,7 +29,8 @@ from graphmerge.runtime import ModelInputs
 
 # isort: split
 # The harness, plots and demo build on merge (imported after it).
-from graphmerge import comparison, demo, plots
+from graphmerge import comparison, connectivity, demo, diagnostics, plots
+from graphmerge.diagnostics import diagnose
 
 __version__ = "0.1.0"
 
@@ -41,8 +42,11 @@ __all__ = [
     "ModelInputs",
     "__version__",
     "comparison",
+    "connectivity",
     "data",
     "demo",
+    "diagnose",
+    "diagnostics",
     "distributed",
     "evaluation",
     "graphs",

@@ -150,15 +150,20 @@ def compare(
     with bar:
         for method, scope in grid:
             options = dict(hparams.get(method, {}))
+            entry = matching_functions.entry(method)
+            data = {"loader": loader} if entry.needs_loader else {}
             matched = merger.merge(
-                method, start_at=scope.start_at, stop_at=scope.stop_at, output=output, **options
-            )
+                method, start_at=scope.start_at, stop_at=scope.stop_at, output=output,
+                **data, **options,
+            )  # fmt: skip
             for normalize in normalizations:
                 bar.set_postfix_str(_name(method, normalize, scope, options))
-                result = (
-                    matched if normalize is None
-                    else merger.reweight(matched, matched.weights, normalize, loader)
-                )  # fmt: skip
+                if normalize is None:
+                    result = matched
+                elif entry.refits:  # a fold alone is not its model: normalize the model
+                    result = merger.normalized(matched, normalize, loader)
+                else:
+                    result = merger.reweight(matched, matched.weights, normalize, loader)
                 metrics = evaluate(result.model, test_loader, tasks=tasks)
                 table.rows.append(_merge_row(result, scope, options, metrics))
                 bar.update()
@@ -188,6 +193,9 @@ def _check_grid(
         normalization.check_name(normalize)
     if any(normalize is not None for normalize in normalizations) and loader is None:
         raise ValueError("normalizations need data: pass loader= (a fixed-order loader)")
+    reading = [m for m in methods if matching_functions.entry(m).needs_loader]
+    if reading and loader is None:
+        raise ValueError(f"{', '.join(reading)} read the data themselves: pass loader=")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     for scope in scopes:
@@ -287,6 +295,7 @@ def width_sweep(
     output: str = "average",
     tasks: Sequence[Sequence[int]] | None = None,
     progress: bool = True,
+    budgets: Sequence[float] = (),
 ) -> Comparison:
     """Accuracy against merged width: partial merging in three ways, as rows with a ``series``.
 
@@ -294,8 +303,11 @@ def width_sweep(
       r = 1 - 1/N is the full merge, r = 0 the ensemble width);
     - ``"stop_at"``: spaces k.. kept unmerged (per-model heads), k = 0..S;
     - ``"start_at"``: the first k spaces kept unmerged (preserve-first), k = 0..S.
-    ``merged_width`` is the sum of the merged widths over all mergeable spaces. The
-    ensemble is the first row (``plot_width`` draws it as a line).
+    ``budgets`` (merged width / d, in [1, N]) add, per budget b, the series
+    ``"permute budget"`` (permute's least correlated pairs kept apart: ``pleas`` with
+    steps=0), ``"zip budget"`` (d' = b d) and ``"pleas budget"`` (with its least squares,
+    on ``loader``). ``merged_width`` is the sum of the merged widths over all mergeable
+    spaces. The ensemble is the first row (``plot_width`` draws it as a line).
     """
     count = len(merger.spaces)
     sweep = compare(
@@ -320,4 +332,16 @@ def width_sweep(
                 progress=progress,
             )  # fmt: skip
             sweep.rows += [{**row, "series": "zip reduction"} for row in zipped.rows]
+    count_models = len(merger.models)
+    for budget in budgets:
+        for series, name, options in (
+            ("permute budget", "pleas", {"budget": budget, "steps": 0}),
+            ("zip budget", "zip", {"reduction": 1 - budget / count_models}),
+            ("pleas budget", "pleas", {"budget": budget}),
+        ):
+            found = compare(
+                merger, test_loader, [name], [normalize], loader=loader, output=output,
+                tasks=tasks, hparams={name: options}, baselines=False, progress=progress,
+            )  # fmt: skip
+            sweep.rows += [{**row, "series": series, "budget": budget} for row in found.rows]
     return sweep

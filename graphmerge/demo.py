@@ -3,12 +3,14 @@
 Three experiments, all on scikit-learn's digits (no download):
 
 - ``same_task``: two MLPs (3 x 512) from seeds 0 and 1 on all ten classes; every
-  matching function with no normalization, REPAIR and RESCALE; interpolation curves
+  matching method (``METHODS``: the harness's, pleas, ot_fusion and ste) with no
+  normalization, REPAIR and RESCALE; interpolation curves
   and loss barriers.
 - ``batchnorm``: the same with BatchNorm MLPs, where RESET applies too.
 - ``disjoint``: one MLP on classes 0-4, one on 5-9, merged with joint logits
   (``output="concat"``), evaluated on all ten classes (joint and per-task accuracy);
-  accuracy against merged width (partial merging: zip reduction, stop_at, start_at).
+  accuracy against merged width (partial merging: zip reduction, stop_at, start_at, and
+  permute / zip / pleas under width budgets 1, 1.25, 1.5 and 2).
 
 It writes ``comparison.csv``, ``curves.csv``, ``width.csv`` and PNG plots to the
 output folder and returns the tables.
@@ -37,6 +39,9 @@ from graphmerge.recipes import recipe_for
 
 STATISTICS_BATCH = 256
 CURVE_METHODS = ("identity", "permute", "zip", "weight_matching")
+# Every method of the comparison harness, and those that read the data themselves.
+METHODS = (*comparison.DEFAULT_METHODS, "pleas", "ot_fusion", "ste")
+BUDGETS = (1.0, 1.25, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,16 @@ class DemoConfig:
     lr: float = recipe_for("mlp")["lr"]
     points: int = 11
     seeds: tuple[int, int] = (0, 1)
+    ste_steps: int = 20
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(hidden=(64, 64), epochs=4, points=5)
+        return cls(hidden=(64, 64), epochs=4, points=5, ste_steps=2)
+
+    @property
+    def hparams(self) -> dict[str, dict[str, object]]:
+        """The hyper-parameters the demo gives its methods."""
+        return {"ste": {"steps": self.ste_steps}}
 
 
 @dataclass
@@ -92,8 +103,9 @@ def run_demo(
         pair = [_train(config, digits, norm, seed, progress) for seed in config.seeds]
         merger = _merger(pair, fixed, progress)
         table = comparison.compare(
-            merger, digits.test, normalizations=normalizations, loader=fixed, progress=progress
-        )
+            merger, digits.test, METHODS, normalizations=normalizations, loader=fixed,
+            hparams=config.hparams, progress=progress,
+        )  # fmt: skip
         _report(result, name, table, echo)
         curve_normalize = "reset" if norm == "bn" else "repair"
         result.curves[name] = [
@@ -142,14 +154,17 @@ def _disjoint(
     ]
     tasks = [list(range(5)), list(range(5, 10))]
     merger, test = _merger(pair, fixed, progress), data.digits(layout="flat").test
+    same_task_only = ("ste",)  # its loss is the midpoint's: no common label set here
+    methods = [method for method in METHODS if method not in same_task_only]
     table = comparison.compare(
-        merger, test, normalizations=(None, "repair", "rescale"), loader=fixed,
+        merger, test, methods, normalizations=(None, "repair", "rescale"), loader=fixed,
         output="concat", tasks=tasks, progress=progress,
     )  # fmt: skip
     _report(result, "disjoint", table, echo)
     result.width = comparison.width_sweep(
-        merger, test, output="concat", tasks=tasks, progress=progress
-    )
+        merger, test, output="concat", tasks=tasks, loader=fixed, budgets=BUDGETS,
+        progress=progress,
+    )  # fmt: skip
 
 
 def _report(result: DemoResult, name: str, table: Comparison, echo) -> None:

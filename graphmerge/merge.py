@@ -7,10 +7,12 @@ without a second pass.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -172,7 +174,22 @@ class Merger:
             seconds={"matching": time.perf_counter() - started}, details=details,
             graph=self.graph, weights=weight,
         )  # fmt: skip
-        return self._fold_result(result, normalize, loader)
+        refit = functools.partial(self._refit, entry, problem, hparams) if entry.refits else None
+        return self._fold_result(result, normalize, loader, refit)
+
+    def _refit(
+        self,
+        entry: matching_functions.Entry,
+        problem: MatchingProblem,
+        hparams: dict[str, object],
+        result: MergeResult,
+    ) -> None:
+        """The method's own step on the folded model (PLeaS's least squares), if it has one."""
+        maps = self._maps(result.matches, result.output, result.weights)
+        result.model, found = entry.refit(
+            result.model, problem, maps, result.weights, hparams, self.progress
+        )
+        result.details.update(found)
 
     def reweight(
         self,
@@ -191,6 +208,12 @@ class Merger:
             >>> path = [merger.reweight(aligned, alpha).model for alpha in (0, 0.25, 0.5)]
         """
         normalization.check_data(normalization.check_name(normalize), loader)
+        if matching_functions.entry(result.method).refits:
+            raise ValueError(
+                f"{result.method} refits the merged layers after the fold, so its matches "
+                "alone do not give its model at other weights: merge again with weights= (and "
+                "Merger.normalized normalizes its model)"
+            )
         weight = None if weights is None else model_weights(weights, len(self.models))
         details = {k: v for k, v in result.details.items() if k != "normalization"}
         again = MergeResult(
@@ -201,14 +224,41 @@ class Merger:
         )  # fmt: skip
         return self._fold_result(again, normalize, loader)
 
+    def normalized(self, result: MergeResult, normalize: str, loader: Iterable) -> MergeResult:
+        """A copy of ``result`` whose model is normalized ("reset", "repair", "rescale") on
+        ``loader``: no new fold, so a method's refit (PLeaS) is kept.
+
+        Example:
+            >>> repaired = merger.normalized(merger.merge("pleas", loader=loader), "repair", loader)
+        """
+        normalization.check_data(normalization.check_name(normalize), loader)
+        if normalize is None:
+            raise ValueError("normalized needs a normalization: 'reset', 'repair' or 'rescale'")
+        again = dataclasses.replace(
+            result, details=dict(result.details), seconds=dict(result.seconds)
+        )
+        started = time.perf_counter()
+        self._normalize(again, normalize, loader)
+        again.seconds["normalize"] = time.perf_counter() - started
+        return again
+
     def _fold_result(
-        self, result: MergeResult, normalize: str | None, loader: Iterable | None
+        self,
+        result: MergeResult,
+        normalize: str | None,
+        loader: Iterable | None,
+        refit: Callable[[MergeResult], None] | None = None,
     ) -> MergeResult:
-        """Fill ``result.model`` with the fold of its matches, normalized if asked."""
+        """Fill ``result.model`` with the fold of its matches, refitted by the method (if
+        ``refit``) and normalized if asked."""
         started = time.perf_counter()
         result.model = self._fold(result.matches, result.output, result.weights)
         folded = time.perf_counter()
         result.seconds["fold"] = folded - started
+        if refit is not None:
+            refit(result)
+            result.seconds["refit"] = time.perf_counter() - folded
+            folded = time.perf_counter()
         if normalize is not None:
             self._normalize(result, normalize, loader)
             result.seconds["normalize"] = time.perf_counter() - folded
@@ -268,9 +318,10 @@ class Merger:
             )
         return key
 
-    def _fold(
+    def _maps(
         self, matches: dict[str, Match], output: Output, weights: Tensor | None = None
-    ) -> nn.Module:
+    ) -> dict[str, SpaceMaps]:
+        """The fold's maps of every matched space (and of the output for joint logits)."""
         count = len(self.models)
         if weights is not None:
             matches = {
@@ -282,6 +333,12 @@ class Merger:
             classes = self.graph.spaces[-1].width
             placement = torch.eye(count * classes, dtype=torch.float64)
             maps[self.graph.spaces[-1].name] = _space_maps(Match(placement, placement), count)
+        return maps
+
+    def _fold(
+        self, matches: dict[str, Match], output: Output, weights: Tensor | None = None
+    ) -> nn.Module:
+        maps = self._maps(matches, output, weights)
         states = [state_tensors(model) for model in self.models]
         state = fold_state_dicts(
             states, self.graph.param_axes, maps, self.graph.aliases, weights=weights

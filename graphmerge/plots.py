@@ -8,6 +8,7 @@ Example:
     >>> gm.plots.plot_curves([identity_curve, permute_curve], "curves.png")
     >>> gm.plots.plot_comparison(table.rows, "comparison.png")
     >>> gm.plots.plot_width(sweep.rows, "width.png")
+    >>> gm.plots.plot_barriers(gm.connectivity.train_with_barriers(...).rows, "barriers.png")
 """
 
 from __future__ import annotations
@@ -71,15 +72,8 @@ def plot_curves(
             curve.alphas, [100 * a for a in curve.accuracies], marker="o", markersize=3,
             label=curve.label,
         )  # fmt: skip
-    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
-        axes.set_xlabel("alpha (weight of model 1)")
-        axes.set_ylabel(METRICS[metric])
-        axes.grid(alpha=0.3)
-    loss_axes.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
-    _save(figure, path)
-    return figure
+    panels = ((loss_axes, METRICS["loss"]), (accuracy_axes, METRICS["accuracy"]))
+    return _finish_panels(figure, panels, "alpha (weight of model 1)", title, path)
 
 
 def plot_comparison(
@@ -161,3 +155,96 @@ def plot_width(
         axes.set_title(title)
     _save(figure, path)
     return figure
+
+
+def plot_barriers(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+) -> Any:
+    """Loss and accuracy barrier against training progress, one line per alignment
+    (rows of ``gm.connectivity.train_with_barriers``)."""
+    if not rows:
+        raise ValueError("plot_barriers needs rows (gm.connectivity.train_with_barriers(...).rows)")
+    missing = {"progress", "align", "barrier_loss", "barrier_accuracy"} - set(rows[0])
+    if missing:
+        raise ValueError(f"plot_barriers needs rows with {sorted(missing)}: rows of "
+                         "gm.connectivity.train_with_barriers")  # fmt: skip
+    figure, (loss_axes, accuracy_axes) = _figure(columns=2)
+    for align in dict.fromkeys(row["align"] for row in rows):
+        chosen = sorted((row for row in rows if row["align"] == align), key=lambda r: r["progress"])
+        progress = [100 * row["progress"] for row in chosen]
+        label = "unaligned" if align == "identity" else f"{align}-aligned"
+        loss_axes.plot(progress, [row["barrier_loss"] for row in chosen], marker="o",
+                       markersize=3, label=label)  # fmt: skip
+        accuracy_axes.plot(progress, [100 * row["barrier_accuracy"] for row in chosen],
+                           marker="o", markersize=3, label=label)  # fmt: skip
+    panels = ((loss_axes, "loss barrier"), (accuracy_axes, "accuracy barrier (points)"))
+    return _finish_panels(figure, panels, "training progress (%)", title, path)
+
+
+def _finish_panels(
+    figure: Any,
+    panels: Sequence[tuple[Any, str]],
+    xlabel: str,
+    title: str | None,
+    path: str | os.PathLike | None,
+) -> Any:
+    """Labels and grids of side-by-side panels, the legend on the first, then save."""
+    for axes, ylabel in panels:
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+    panels[0][0].legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    _save(figure, path)
+    return figure
+
+
+def plot_variance_ratios(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike | None = None,
+    column: str = "var_ratio",
+    title: str | None = None,
+) -> Any:
+    """Variance ratio (merged / source, or ``column``: ``rms_ratio``) against depth, one line
+    per method and normalization (rows of ``gm.diagnostics``); a dotted line at 1.
+
+    Example:
+        >>> gm.plots.plot_variance_ratios(gm.diagnostics.diagnose([a, b], loader).rows, "v.png")
+    """
+    if column not in ("var_ratio", "rms_ratio"):
+        raise ValueError(f"column must be 'var_ratio' or 'rms_ratio', got {column!r}")
+    if not rows:
+        raise ValueError("plot_variance_ratios needs rows (from gm.diagnostics)")
+    figure, (axes,) = _figure()
+    labels = {}
+    for row in rows:
+        labels.setdefault(_variant(row), []).append(row)
+    for label, chosen in labels.items():
+        chosen = sorted(chosen, key=lambda row: row["depth"])
+        axes.plot([row["depth"] for row in chosen], [row[column] for row in chosen],
+                  marker="o", markersize=3, label=label)  # fmt: skip
+    first = next(iter(labels.values()))
+    names = [row["point"] for row in sorted(first, key=lambda row: row["depth"])]
+    axes.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    axes.set_xlabel("depth (merge point)")
+    axes.set_ylabel("variance ratio (merged / sources)" if column == "var_ratio"
+                    else "RMS ratio (merged / sources)")  # fmt: skip
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    if title:
+        axes.set_title(title)
+    _save(figure, path)
+    return figure
+
+
+def _variant(row: Mapping[str, Any]) -> str:
+    """``"permute"``, ``"permute + repair"``; the normalization alone without a method."""
+    normalize, method = row.get("normalize") or "none", row.get("method")
+    if method is None:
+        return normalize
+    return method if normalize == "none" else f"{method} + {normalize}"

@@ -380,3 +380,38 @@ def test_reference_cache_used_directly(same_task):
     limited = renormalize(result.model, models, fixed, result.graph, reference_cache=cache,
                           max_batches=2, **options)  # fmt: skip
     assert limited.passes == first.passes  # other limits: other statistics
+
+
+def test_width_sweep_budgets_compare_permute_zip_and_pleas(same_task):
+    data, _, merger, fixed = same_task
+    sweep = width_sweep(
+        merger, data.test, reductions=(), loader=fixed, budgets=(1.0, 1.5), progress=False
+    )
+    rows = [row for row in sweep.rows if "budget" in row]
+    assert [(r["series"], r["budget"]) for r in rows] == [
+        ("permute budget", 1.0), ("zip budget", 1.0), ("pleas budget", 1.0),
+        ("permute budget", 1.5), ("zip budget", 1.5), ("pleas budget", 1.5),
+    ]  # fmt: skip
+    assert [r["merged_width"] for r in rows] == [32, 32, 32, 48, 48, 48]
+    permuted = gm.evaluation.evaluate(merger.merge("permute").model, data.test)
+    assert rows[0]["accuracy"] == pytest.approx(permuted["accuracy"], abs=1e-12)
+    # The least squares fit the merged layers to the sources' merged outputs: lower loss.
+    assert rows[2]["loss"] < rows[0]["loss"] and rows[5]["loss"] < rows[3]["loss"]
+
+
+def test_methods_that_read_the_data_get_the_loader(same_task):
+    data, _, merger, fixed = same_task
+    table = compare(
+        merger, data.test, ["pleas", "ste"], [None, "repair"], loader=fixed,
+        hparams={"pleas": {"budget": 1.25}, "ste": {"steps": 2}}, baselines=False,
+        progress=False,
+    )  # fmt: skip
+    assert [(r["method"], r["normalize"]) for r in table.rows] == [
+        ("pleas", "none"), ("pleas", "repair"), ("ste", "none"), ("ste", "repair"),
+    ]  # fmt: skip
+    pleas = merger.merge("pleas", budget=1.25, loader=fixed)
+    repaired = merger.normalized(pleas, "repair", fixed)
+    expected = gm.evaluation.evaluate(repaired.model, data.test)
+    assert table.rows[1]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    with pytest.raises(ValueError, match="read the data themselves: pass loader="):
+        compare(merger, data.test, ["pleas"], progress=False)

@@ -26,6 +26,7 @@ GROUPS = {
     "graphs": ["Model graphs"],
     "merging": ["Merging", "Matching functions", "Normalization after merging",
                 "Evaluation and comparison"],
+    "methods": ["More methods: PLeaS, STE, OT fusion; diagnostics"],
     "tutorial-torchvision": ["Tutorial: merging torchvision models"],
     "tutorial-custom-graph": ["Tutorial: merging a custom model with a hand-built graph"],
     "tutorial-renormalization": ["Tutorial: a renormalization study"],

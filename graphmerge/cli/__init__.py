@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import graphmerge
 from graphmerge.cli.common import USER_ERRORS, format_classes
 from graphmerge.cli.demo import add_demo
+from graphmerge.cli.diagnose import add_diagnose
 from graphmerge.cli.inspect import add_graph, add_matchers, add_models
 from graphmerge.cli.merging import add_merging
 from graphmerge.cli.train import add_train
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_graph(commands)
     add_models(commands)
     add_matchers(commands)
+    add_diagnose(commands)
     return parser
 
 

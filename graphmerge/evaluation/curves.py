@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,18 @@ import torch
 
 from graphmerge.evaluation.metrics import evaluate
 from graphmerge.merge import Merger
+
+METRICS = ("loss", "accuracy")
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of a curve: its ``index`` in ``Curve.alphas``, alpha and test metrics."""
+
+    index: int
+    alpha: float
+    accuracy: float
+    loss: float
 
 
 @dataclass
@@ -50,6 +63,36 @@ class Curve:
     def accuracy_barrier(self) -> float:
         """The accuracy barrier: max over alpha of the endpoints' straight line - accuracy."""
         return accuracy_barrier(self.alphas, self.accuracies)
+
+    def best(self, metric: str = "loss") -> CurvePoint:
+        """The point of the path with the lowest loss (``metric="loss"``) or the highest
+        accuracy (``"accuracy"``).
+
+        Ties go to the other metric (the more accurate of equal losses, the lower loss of
+        equal accuracies), then to the smaller alpha. A Curve keeps numbers, not models:
+        rebuild the model at that alpha from the merger that drew the curve, with the
+        curve's method and normalization (and the same hyper-parameters and loader).
+
+        Example:
+            >>> point = curve.best("accuracy")
+            >>> point.alpha, point.accuracy, point.loss
+            >>> model = merger.merge(curve.method, weights=point.alpha).model
+        """
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        points = [
+            CurvePoint(index, alpha, accuracy, loss)
+            for index, (alpha, accuracy, loss) in enumerate(
+                zip(self.alphas, self.accuracies, self.losses, strict=True)
+            )
+        ]
+        if not points:
+            raise ValueError("the curve has no points")
+        if not all(math.isfinite(p.loss) and math.isfinite(p.accuracy) for p in points):
+            raise FloatingPointError(f"the curve holds NaN or Inf values: {self.losses}")
+        if metric == "loss":
+            return min(points, key=lambda p: (p.loss, -p.accuracy, p.index))
+        return min(points, key=lambda p: (-p.accuracy, p.loss, p.index))
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per point (method, normalize, alpha, accuracy, loss), for CSV tables."""

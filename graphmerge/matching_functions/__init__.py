@@ -1,14 +1,16 @@
 """Matching functions: how the units of N models correspond, registered by name.
 
 Features functions take statistics and return (merge, unmerge); weight matching
-takes state dicts and returns permutations. ``available()`` lists the names and
-``entry(name)`` their kind, paper and hyper-parameters; the engine asks an entry to
-``solve`` a ``MatchingProblem`` (see ``entries``).
+takes state dicts and returns permutations; ``pleas`` and ``ste`` also read the data.
+``available()`` lists the names and ``entry(name)`` their kind, paper and
+hyper-parameters; the engine asks an entry to ``solve`` a ``MatchingProblem`` (see
+``entries``).
 
 Example:
     >>> import graphmerge as gm
     >>> gm.matching_functions.available()
-    ['cca', 'identity', 'permute', 'preserve_first', 'weight_matching', 'zip']
+    ['cca', 'identity', 'ot_fusion', 'permute', 'pleas', 'preserve_first', 'ste',
+     'weight_matching', 'zip']
     >>> merge, unmerge = gm.matching_functions.get("zip")(stats, num_models=2, alpha=0.5)
 """
 
@@ -24,6 +26,8 @@ from graphmerge.matching_functions.entries import (
     Solution,
     WeightEntry,
 )
+from graphmerge.matching_functions.ot_fusion import ot_fusion
+from graphmerge.matching_functions.pleas import GlobalBudget, PleasEntry, pleas
 from graphmerge.matching_functions.preserve_first import preserve_first
 from graphmerge.matching_functions.registry import (
     available,
@@ -32,6 +36,7 @@ from graphmerge.matching_functions.registry import (
     register,
     register_entry,
 )
+from graphmerge.matching_functions.ste import ste
 from graphmerge.matching_functions.weight_matching import (
     WeightMatching,
     merge_many,
@@ -42,8 +47,10 @@ from graphmerge.matching_functions.zipit import greedy_clusters, zipit
 __all__ = [
     "Entry",
     "FeatureEntry",
+    "GlobalBudget",
     "MatchingFunction",
     "MatchingProblem",
+    "PleasEntry",
     "ScopeEntry",
     "Solution",
     "Statistics",
@@ -57,11 +64,14 @@ __all__ = [
     "identity",
     "membership_match",
     "merge_many",
+    "ot_fusion",
     "permutation_match",
     "permute",
+    "pleas",
     "preserve_first",
     "register",
     "register_entry",
+    "ste",
     "weight_matching",
     "zipit",
 ]

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from graphmerge.fold import Match
+from graphmerge.fold import Match, SpaceMaps
 from graphmerge.graphs import ModelGraph, Space
 from graphmerge.matching_functions import structured
 from graphmerge.matching_functions.common import Statistics, permutation_match, unit_similarity
@@ -77,12 +77,32 @@ class Entry(ABC):
 
     kind: ClassVar[str] = "custom"  # what listings show
     needs_statistics: ClassVar[bool] = True  # the engine collects statistics before solving
+    needs_loader: ClassVar[bool] = False  # the method itself reads the data (loader=)
     # Parameters the engine fills in: not hyper-parameters a user passes.
     provided: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def solve(self, problem: MatchingProblem, hparams: Mapping[str, object]) -> Solution:
         """A Match for every space of ``problem``."""
+
+    def refit(
+        self,
+        model: nn.Module,
+        problem: MatchingProblem,
+        maps: Mapping[str, SpaceMaps],
+        weights: Tensor | None,
+        hparams: Mapping[str, object],
+        progress: bool = True,
+    ) -> tuple[nn.Module, dict[str, object]]:
+        """The folded ``model`` after the method's own step on it (PLeaS's least squares),
+        and what that step reports; most methods have none and return ``model`` as it is.
+        ``maps`` are the fold's maps per space, ``weights`` the models' (None: 1/N)."""
+        return model, {}
+
+    @property
+    def refits(self) -> bool:
+        """Whether the method changes the folded model itself (defines ``refit``)."""
+        return type(self).refit is not Entry.refit
 
     @property
     def summary(self) -> str:

@@ -35,6 +35,7 @@ from graphmerge.normalization.reset import reset_bn
 from graphmerge.normalization.repair import (
     ReferenceCache,
     match_statistics,
+    merge_matrices,
     renormalize,
     repair,
     rescale,
@@ -53,6 +54,7 @@ __all__ = [
     "check_data",
     "check_name",
     "match_statistics",
+    "merge_matrices",
     "normalize",
     "register",
     "renormalize",

@@ -198,22 +198,10 @@ def renormalize(
         graph = trace(
             references[0], moved_to(first_samples(_example(loader), EXAMPLE_BATCH), device)
         )
-    names = list(matches) if matches is not None else [s.name for s in graph.mergeable_spaces]
     count = len(references)
     weight = None if weights is None else model_weights(weights, count)
-    merge_matrices = {}
-    for name in names:
-        space = graph.space(name)
-        if matches is not None:
-            merge = matches[name].merge.double()
-        else:
-            merge = torch.eye(space.width, dtype=torch.float64).repeat(1, count) / count
-        if merge.shape[1] != count * space.width:
-            raise ValueError(
-                f"the match of space {name!r} combines {merge.shape[1]} units, but "
-                f"{count} references of width {space.width} have {count * space.width}"
-            )
-        merge_matrices[name] = merge if weight is None else reweighted(merge, weight)
+    merges = merge_matrices(graph, matches, count, weight)
+    names = list(merges)
     points, skipped = repair_points(graph, names)
     limits = {"max_batches": max_batches, "max_samples": max_samples, "progress": progress}
     result = Renormalized(copy_model(model).to(device), mode, [], list(skipped), 0)
@@ -221,7 +209,7 @@ def renormalize(
         return result
     reference_points = [
         ReadPoint(p.node, p.node, graph.space(p.space).width,
-                  covariance=_mixes_units(merge_matrices[p.space], count))
+                  covariance=_mixes_units(merges[p.space], count))
         for p in points
     ]  # fmt: skip
     cache = ReferenceCache() if reference_cache is None else reference_cache
@@ -229,9 +217,7 @@ def renormalize(
     result.passes = passes
     for level in sorted({point.level for point in points}):
         chosen = [point for point in points if point.level == level]
-        merged_points = [
-            ReadPoint(p.node, p.node, merge_matrices[p.space].shape[0]) for p in chosen
-        ]
+        merged_points = [ReadPoint(p.node, p.node, merges[p.space].shape[0]) for p in chosen]
         measured = collect_moments(
             [result.model], graph, loader, merged_points, description=f"{mode} level {level}",
             **limits,
@@ -239,11 +225,35 @@ def renormalize(
         result.passes += 1
         for point in chosen:
             _check_same_data(measured[point.node], moments[0][point.node].count)
-            report = _correct(
-                result.model, point, merge_matrices[point.space], moments, measured, mode
-            )
+            report = _correct(result.model, point, merges[point.space], moments, measured, mode)
             result.points.append(report)
     return result
+
+
+def merge_matrices(
+    graph: ModelGraph,
+    matches: Mapping[str, Match] | None,
+    count: int,
+    weight: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The merge matrix of every matched space (float64; every mergeable space averaged
+    when ``matches`` is None), reweighted by the models' ``weight``, with a clear error
+    where a match does not combine ``count`` models of the space's width."""
+    names = list(matches) if matches is not None else [s.name for s in graph.mergeable_spaces]
+    found = {}
+    for name in names:
+        space = graph.space(name)
+        if matches is not None:
+            merge = matches[name].merge.double().cpu()
+        else:
+            merge = torch.eye(space.width, dtype=torch.float64).repeat(1, count) / count
+        if merge.shape[1] != count * space.width:
+            raise ValueError(
+                f"the match of space {name!r} combines {merge.shape[1]} units, but "
+                f"{count} models of width {space.width} have {count * space.width}"
+            )
+        found[name] = merge if weight is None else reweighted(merge, weight)
+    return found
 
 
 @register("repair")

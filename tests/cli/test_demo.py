@@ -25,11 +25,19 @@ def test_quick_demo_prints_tables_and_writes_csv_and_plots(tmp_path, capsys):
     experiments = {row["experiment"] for row in rows}
     assert experiments == {"same_task", "batchnorm", "disjoint"}
     methods = {row["method"] for row in rows if row["kind"] == "merge"}
-    assert methods == {"identity", "permute", "zip", "cca", "weight_matching", "preserve_first"}
+    assert methods == {
+        "identity", "permute", "zip", "cca", "weight_matching", "preserve_first", "pleas",
+        "ot_fusion", "ste",
+    }  # fmt: skip
     normalizations = {row["normalize"] for row in rows if row["kind"] == "merge"}
     assert normalizations == {"none", "reset", "repair", "rescale"}
     disjoint = [row for row in rows if row["experiment"] == "disjoint" and row["kind"] == "merge"]
     assert all(row["task_0_accuracy"] and row["task_1_accuracy"] for row in disjoint)
+    with open(out / "width.csv") as handle:
+        width = [row for row in csv.DictReader(handle) if row.get("budget")]
+    series = {row["series"] for row in width}
+    assert series == {"permute budget", "zip budget", "pleas budget"}
+    assert {float(row["budget"]) for row in width} == {1.0, 1.25, 1.5, 2.0}
     with open(out / "curves.csv") as handle:
         curves = list(csv.DictReader(handle))
     barrier = {}

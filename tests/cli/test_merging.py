@@ -277,3 +277,20 @@ def test_merge_reads_and_writes_safetensors(checkpoints, tmp_path, capsys):
     for key, value in expected.model.state_dict().items():
         assert torch.equal(merged.model.state_dict()[key], value), key
     assert merged.metadata["merge"]["method"] == "permute"
+
+
+def test_pleas_under_a_budget_from_the_command_line(checkpoints, tmp_path, capsys):
+    out = tmp_path / "partial.pt"
+    args = ["merge", str(checkpoints["a"]), str(checkpoints["b"]), "--method", "pleas"]
+    assert main([*args, "--set", "budget=1.5", "--out", str(out), "--quiet"]) == 0
+    merged = gm.load_checkpoint(out).model
+    sources = [gm.load_checkpoint(checkpoints[name]).model for name in ("a", "b")]
+    expected = gm.merge(sources, statistics_loader(), "pleas", budget=1.5, progress=False)
+    assert merged.layers.fc1.out_features == 48  # 32 + 16 units kept apart
+    for key, value in expected.state_dict().items():
+        assert torch.allclose(merged.state_dict()[key], value, atol=1e-6), key
+    assert main(["matchers"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("pleas", "ste", "ot_fusion"):
+        assert f"{name} (" in listing
+    assert "Nasery et al. 2025" in listing and "budget=1.0" in listing

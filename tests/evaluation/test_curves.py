@@ -91,6 +91,42 @@ def test_curve_labels_rows_and_barriers_of_a_hand_made_curve():
     assert [row["alpha"] for row in curve.rows()] == [0, 0.5, 1]
 
 
+def test_best_picks_the_lowest_loss_or_the_highest_accuracy():
+    curve = gm.evaluation.Curve(
+        "permute", None, [0, 0.25, 0.5, 0.75, 1], [0.8, 0.85, 0.9, 0.7, 0.6],
+        [0.5, 0.2, 0.3, 0.9, 0.25],
+    )  # fmt: skip
+    assert curve.best() == gm.evaluation.CurvePoint(index=1, alpha=0.25, accuracy=0.85, loss=0.2)
+    assert curve.best("accuracy") == gm.evaluation.CurvePoint(2, 0.5, 0.9, 0.3)
+    with pytest.raises(ValueError, match="metric must be one of loss, accuracy, got 'acc'"):
+        curve.best("acc")
+    nan = gm.evaluation.Curve("permute", None, [0, 0.5, 1], [0.8, 0.9, 0.7], [0.5, math.nan, 1])
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        nan.best()
+
+
+def test_best_breaks_ties_by_the_other_metric_then_the_smaller_alpha():
+    alphas = [0, 0.5, 1]
+    ties = gm.evaluation.Curve("permute", None, alphas, [0.9, 0.9, 0.8], [0.4, 0.3, 0.3])
+    assert ties.best("accuracy").alpha == 0.5  # equal accuracy: the lower loss
+    assert ties.best("loss").alpha == 0.5  # equal loss: the higher accuracy
+    flat = gm.evaluation.Curve("identity", None, alphas, [0.7, 0.7, 0.7], [0.3, 0.3, 0.3])
+    assert flat.best("loss").index == flat.best("accuracy").index == 0
+
+
+def test_best_point_of_a_trained_curve_rebuilds_with_merge(trained):
+    data, _, merger, _ = trained
+    curve = interpolation_curve(merger, data.test, "identity", points=5)
+    point = curve.best("loss")
+    assert point.loss == min(curve.losses) and point.alpha == curve.alphas[point.index]
+    assert point.alpha in (0.0, 1.0)  # unaligned: the middle of the path is worse
+    rebuilt = merger.merge("identity", weights=point.alpha).model
+    metrics = gm.evaluation.evaluate(rebuilt, data.test)
+    assert metrics["loss"] == pytest.approx(point.loss, abs=1e-9)
+    assert metrics["accuracy"] == pytest.approx(point.accuracy, abs=1e-9)
+    assert curve.best("accuracy").accuracy == max(curve.accuracies)
+
+
 def test_identity_curve_runs_from_model_0_to_model_1_through_the_plain_average(trained):
     data, models, merger, _ = trained
     curve = interpolation_curve(merger, data.test, "identity", points=3)
